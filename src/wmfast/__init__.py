@@ -1,0 +1,33 @@
+"""wmfast: fast, provably equivalent drop-in versions of the workingmem models.
+
+Change ``from workingmem.model import ...`` to ``from wmfast import ...``.
+Importing wmfast is cheap: it never touches CUDA, triton or nnsight.
+"""
+
+from wmfast.build import VARIANTS, build_model
+from wmfast.checkpoint import CheckpointError, load_model, save_run
+from wmfast.config import ConfigError, ModelConfig, TrainingConfig
+from wmfast.wrappers import (
+    LSTMModelWrapper,
+    ModelWrapper,
+    RNNModelWrapper,
+    TransformerModelWrapper,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "VARIANTS",
+    "CheckpointError",
+    "ConfigError",
+    "LSTMModelWrapper",
+    "ModelConfig",
+    "ModelWrapper",
+    "RNNModelWrapper",
+    "TrainingConfig",
+    "TransformerModelWrapper",
+    "__version__",
+    "build_model",
+    "load_model",
+    "save_run",
+]

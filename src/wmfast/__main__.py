@@ -1,0 +1,5 @@
+import sys
+
+from wmfast.cli import main
+
+sys.exit(main())

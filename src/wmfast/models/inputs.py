@@ -1,0 +1,52 @@
+"""Input checks every model runs at the top of forward.
+
+Shape, dtype and T > n_ctx are host-side metadata and always checked (free).
+The token-id range needs a reduction, which on CUDA is a device-to-host sync:
+it is on by default and turned off per model with ``model.check_token_ids =
+False`` (the training loop checks each batch on the CPU instead).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOKEN_DTYPES = (torch.int64, torch.int32)
+
+
+def check_input_ids(
+    input_ids: torch.Tensor, d_vocab: int, n_ctx: int | None, check_range: bool
+) -> None:
+    """Raise a clear error for input the model cannot take.
+
+    n_ctx: the learned-position limit, or None where the model has no such limit.
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            f"input_ids must be a torch.Tensor of token ids; got {type(input_ids).__name__}"
+        )
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be 2-D (batch, seq_len); got shape {tuple(input_ids.shape)}"
+        )
+    if input_ids.dtype not in TOKEN_DTYPES:
+        raise TypeError(
+            f"input_ids must hold integer token ids (torch.long or torch.int32); "
+            f"got dtype {input_ids.dtype}"
+        )
+    seq_len = input_ids.shape[1]
+    if seq_len == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    if n_ctx is not None and seq_len > n_ctx:
+        raise ValueError(
+            f"sequence length {seq_len} exceeds n_ctx={n_ctx}, the number of learned "
+            f"positions (positional_embedding_type='standard'); raise n_ctx or shorten the input"
+        )
+    if check_range:
+        low, high = torch.aminmax(input_ids)
+        low, high = int(low), int(high)  # the one sync; see module docstring
+        if low < 0 or high >= d_vocab:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"token id {bad} is out of range [0, d_vocab={d_vocab}); "
+                f"(set model.check_token_ids = False to skip this check)"
+            )

@@ -1,0 +1,128 @@
+"""Drop-in replacements for workingmem's model wrappers.
+
+``TransformerModelWrapper(config)``, ``RNNModelWrapper(config)`` and
+``LSTMModelWrapper(config)`` hold ``.model`` (the nn.Module), ``.config``,
+``.history`` and ``.device`` (cuda when present), and own checkpointing in
+workingmem's layout. The training loop (``train``/``evaluate``/``test``)
+arrives in a later version of wmfast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from wmfast import checkpoint
+from wmfast.build import DEFAULT_VARIANT, build_model, check_variant
+from wmfast.config import ConfigError, ModelConfig
+
+logger = logging.getLogger("wmfast")
+
+
+class ModelWrapper:
+    """Holds a model built from a ModelConfig; the base of the three wrappers.
+
+    ``ModelWrapper(config)`` itself builds whatever ``config.model_class`` names;
+    the subclasses insist on their own class, so a wrapper never silently builds
+    a model its config.yaml would later describe differently.
+    """
+
+    model_class: ClassVar[str | None] = None
+    model: nn.Module
+    config: ModelConfig
+    history: list
+
+    def __init__(self, config: ModelConfig, variant: str = DEFAULT_VARIANT) -> None:
+        self._init_state(variant)
+        if config.from_pretrained is None:
+            self._check_model_class(config)
+            self.config = config
+            self.model = build_model(config, variant=variant).to(self.device)
+        else:
+            logger.warning(
+                "loading model from checkpoint %s; the other ModelConfig fields passed are "
+                "ignored: %s",
+                config.from_pretrained,
+                config,
+            )
+            self.load_checkpoint(config.from_pretrained)
+
+    def _init_state(self, variant: str) -> None:
+        check_variant(variant)
+        self.variant = variant
+        self.history = []
+        # chosen here, at construction, never at import time
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _check_model_class(self, config: ModelConfig) -> None:
+        if self.model_class is not None and config.model_class != self.model_class:
+            raise ConfigError(
+                f"{type(self).__name__} builds model_class={self.model_class!r}, but "
+                f"config.model_class={config.model_class!r}; set model_class or use "
+                f"the matching wrapper"
+            )
+
+    @classmethod
+    def from_checkpoint_dir(
+        cls, ckpt_dir: str | os.PathLike, epoch: int | None = None, variant: str = DEFAULT_VARIANT
+    ) -> ModelWrapper:
+        """A wrapper holding a run directory's model, config and history."""
+        wrapper = cls.__new__(cls)
+        wrapper._init_state(variant)
+        wrapper.load_checkpoint(ckpt_dir, epoch=epoch)
+        return wrapper
+
+    def load_checkpoint(self, checkpoint_dir: str | os.PathLike, epoch: int | None = None) -> None:
+        """Replace model, config and history with a run directory's (strict load)."""
+        run = checkpoint.read_run(checkpoint_dir, epoch=epoch)
+        self._check_model_class(run.config)
+        self.model = checkpoint.model_from_run(run, checkpoint_dir).to(self.device)
+        self.config = self.model.config.replace()
+        self.history = run.history
+
+    def save_checkpoint(
+        self, checkpoint_dir: str | os.PathLike, epoch_num: int | None = None
+    ) -> Path:
+        """Write ``best_model.pth`` (or ``checkpoints/epoch_N.pth``), config.yaml,
+        wmfast.yaml and history.yaml into ``checkpoint_dir`` itself.
+
+        workingmem appends its wandb sweep id and run name to the directory;
+        without wandb that is a random suffix, so wmfast writes exactly where
+        it is told.
+        """
+        return checkpoint.save_run(
+            checkpoint_dir, self.model, self.config, self.history, epoch=epoch_num
+        )
+
+    # The training loop is a later part of wmfast; say so instead of failing oddly.
+    def train(self, *args, **kwargs):
+        raise NotImplementedError(
+            "ModelWrapper.train is not available yet in this version of wmfast"
+        )
+
+    def evaluate(self, *args, **kwargs):
+        raise NotImplementedError(
+            "ModelWrapper.evaluate is not available yet in this version of wmfast"
+        )
+
+    def test(self, *args, **kwargs):
+        raise NotImplementedError(
+            "ModelWrapper.test is not available yet in this version of wmfast"
+        )
+
+
+class TransformerModelWrapper(ModelWrapper):
+    model_class = "transformer"
+
+
+class RNNModelWrapper(ModelWrapper):
+    model_class = "rnn"
+
+
+class LSTMModelWrapper(ModelWrapper):
+    model_class = "lstm"
