@@ -28,9 +28,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import pickle
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -166,8 +164,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # garbage bytes make the unpickler raise almost anything
+        detail = str(exc).strip().splitlines()
+        first_line = f"{type(exc).__name__}: {detail[0]}" if detail else type(exc).__name__
         raise CheckpointError(
             f"cannot read {path}: truncated, corrupt or not a PyTorch checkpoint ({first_line})"
         ) from None

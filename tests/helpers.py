@@ -1,0 +1,42 @@
+"""Helpers shared by the tests: tolerances, seeded inputs, small configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from wmfast import ModelConfig
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = DATA / "golden"
+
+# SPEC.md section 2: the one source of truth for tolerances
+FP32_LOGITS = dict(rtol=1e-5, atol=1e-5)
+FP32_GRADS = dict(rtol=1e-4, atol=1e-5)
+AUTOCAST_LOGITS = dict(rtol=2e-2, atol=2e-2)
+
+POSITIONAL_TYPES = ("standard", "rotary", None, "rotary_qk")
+
+
+def random_ids(seed: int, d_vocab: int, batch: int, seq_len: int) -> torch.Tensor:
+    """Token ids from a fresh seeded generator (never zeros, never the global RNG)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, d_vocab, (batch, seq_len), generator=gen)
+
+
+def small_config(**changes) -> ModelConfig:
+    base = dict(
+        model_class="transformer",
+        d_model=32,
+        n_heads=4,
+        n_layers=2,
+        d_mlp=48,
+        d_vocab=50,
+        d_hidden=24,
+        n_ctx=64,
+        dropout=0.0,
+        seed=0,
+    )
+    base.update(changes)
+    return ModelConfig(**base)

@@ -1,0 +1,85 @@
+"""The drop-in wrappers: construction, device choice, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wmfast import (
+    ConfigError,
+    LSTMModelWrapper,
+    ModelWrapper,
+    RNNModelWrapper,
+    TransformerModelWrapper,
+)
+
+from .helpers import random_ids, small_config
+
+
+@pytest.mark.parametrize(
+    "wrapper_cls, cls",
+    [
+        (TransformerModelWrapper, "transformer"),
+        (RNNModelWrapper, "rnn"),
+        (LSTMModelWrapper, "lstm"),
+    ],
+)
+def test_wrapper_holds_model_config_and_device(wrapper_cls, cls):
+    config = small_config(model_class=cls, act_fn="tanh" if cls == "rnn" else "relu")
+    wrapper = wrapper_cls(config)
+    assert wrapper.config is config and wrapper.history == []
+    assert wrapper.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert next(wrapper.model.parameters()).device.type == wrapper.device.type
+    assert wrapper.model(random_ids(0, 50, 2, 4).to(wrapper.device)).shape == (2, 4, 50)
+
+
+def test_wrapper_refuses_a_config_for_another_model_class():
+    with pytest.raises(ConfigError, match="RNNModelWrapper builds model_class='rnn'"):
+        RNNModelWrapper(small_config(model_class="transformer"))
+
+
+def test_base_wrapper_builds_what_the_config_names():
+    assert type(ModelWrapper(small_config(model_class="lstm")).model).__name__ == "LSTMModel"
+
+
+def test_fast_variant_is_a_clear_error_for_now():
+    with pytest.raises(NotImplementedError, match="fast"):
+        TransformerModelWrapper(small_config(), variant="fast")
+
+
+def test_save_and_load_checkpoint(tmp_path):
+    wrapper = TransformerModelWrapper(small_config(positional_embedding_type="rotary"))
+    wrapper.history = [{"epoch": 1}]
+    wrapper.save_checkpoint(tmp_path)
+    wrapper.save_checkpoint(tmp_path, epoch_num=1)
+    assert (tmp_path / "checkpoints" / "epoch_1.pth").is_file()
+
+    other = TransformerModelWrapper(small_config(positional_embedding_type="rotary", seed=3))
+    other.load_checkpoint(tmp_path)
+    assert torch.equal(other.model.embedding.weight.cpu(), wrapper.model.embedding.weight.cpu())
+    assert other.history == [{"epoch": 1}]
+    assert other.config.from_pretrained == str(tmp_path)
+
+    again = TransformerModelWrapper.from_checkpoint_dir(tmp_path, epoch=1)
+    assert torch.equal(again.model.output_layer.bias.cpu(), wrapper.model.output_layer.bias.cpu())
+
+
+def test_from_pretrained_builds_from_the_stored_config(tmp_path, caplog):
+    TransformerModelWrapper(small_config(n_layers=3)).save_checkpoint(tmp_path)
+    with caplog.at_level("WARNING", logger="wmfast"):
+        wrapper = TransformerModelWrapper(small_config(n_layers=1, from_pretrained=str(tmp_path)))
+    assert len(wrapper.model.transformer_encoder.layers) == 3
+    assert "ignored" in caplog.text
+
+
+def test_loading_a_run_of_another_model_class_is_refused(tmp_path):
+    LSTMModelWrapper(small_config(model_class="lstm")).save_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match="TransformerModelWrapper builds"):
+        TransformerModelWrapper.from_checkpoint_dir(tmp_path)
+
+
+def test_training_loop_is_announced_not_faked():
+    wrapper = TransformerModelWrapper(small_config())
+    for method in (wrapper.train, wrapper.evaluate, wrapper.test):
+        with pytest.raises(NotImplementedError, match="not available yet"):
+            method(None)
