@@ -18,7 +18,13 @@ import importlib.util
 import os
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+# Without a GPU the Triton kernels run under the interpreter, which triton reads
+# when a kernel is decorated: it must be set before wmfast.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "ci",
@@ -43,16 +49,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # evaluated once per session, at collection, never at import time
     reasons = {
-        "cuda": None if _cuda_available() else "needs a CUDA device",
+        "cuda": None if torch.cuda.is_available() else "needs a CUDA device",
         "triton": None
         if importlib.util.find_spec("triton")
         else "needs triton (pip install wmfast[triton])",

@@ -40,3 +40,25 @@ def small_config(**changes) -> ModelConfig:
     )
     base.update(changes)
     return ModelConfig(**base)
+
+
+# Output-storage tolerances for kernel results against an fp64 reference: the
+# math is fp32 either way, so only the final rounding to storage differs.
+STORAGE_TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+def rotate_pairs_fp64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The pair rotation in fp64, independent of wmfast's code."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].double(), x[..., half:].double()
+    c, s = cos.double(), sin.double()
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def kernel_device() -> torch.device:
+    """Where kernel tests run: CUDA when present, else the CPU (Triton interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -47,18 +47,32 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotary_tables(seq_len: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of the angles for positions 0..seq_len-1: each (T, dim // 2) fp32."""
+    angles = rotary_angles(seq_len, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (j, j + D/2) of x's last dim by the angle whose cos/sin is
+    at index j: the one rotation both rotary types apply. fp32 math, x's dtype out.
+
+    cos, sin: (..., D/2) fp32, broadcastable against x's leading dims.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
 def embedding_rotation(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """workingmem's "rotary" term: ``x*cos + rotate_half(x)*sin`` over d_model.
 
     x: (B, T, d_model). Returns the rotation term only; the model adds it to x
-    (so position 0, whose angle is 0, comes out as 2x).
+    (so position 0, whose angle is 0, comes out as 2x). Equal to workingmem's
+    ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)``, written per pair.
     """
-    angles = rotary_angles(x.shape[-2], inv_freq)  # (T, d/2)
-    emb = torch.cat((angles, angles), dim=-1)  # (T, d): angle j for both j and j + d/2
-    cos, sin = emb.cos(), emb.sin()
-    # fp32 math; a model cast to bf16 gets its rotation back in bf16
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    cos, sin = rotary_tables(x.shape[-2], inv_freq)  # (T, d/2)
+    return rotate_pairs(x, cos, sin)
 
 
 def rotary_qk_tables(
@@ -69,8 +83,8 @@ def rotary_qk_tables(
     Materialised with a real batch dimension (not an ``expand`` view) so that an
     nnsight edit of one invoke's slice cannot leak into another invoke.
     """
-    angles = rotary_angles(seq_len, inv_freq)  # (T, D/2)
-    return angles.cos().repeat(batch, 1, 1), angles.sin().repeat(batch, 1, 1)
+    cos, sin = rotary_tables(seq_len, inv_freq)  # (T, D/2)
+    return cos.repeat(batch, 1, 1), sin.repeat(batch, 1, 1)
 
 
 def rotary_qk(
@@ -84,10 +98,4 @@ def rotary_qk(
     """
     c = cos.unsqueeze(-2).float()  # (B, T, 1, D/2): the same angle for every head
     s = sin.unsqueeze(-2).float()
-    return _rotate(q, c, s), _rotate(k, c, s)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    return rotate_pairs(q, c, s), rotate_pairs(k, c, s)

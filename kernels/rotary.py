@@ -1,0 +1,226 @@
+"""Triton kernels for the two rotary ops, and their host launchers.
+
+Both kernels rotate pairs (j, j + D/2) of a row by angles given as cos/sin
+tables (not recomputed from positions: an nnsight edit of the tables must reach
+the kernel, and torch's cos/sin are what the reference uses). Math is fp32 in
+registers; storage is fp32, fp16 or bf16. ``CONJ`` rotates by the negative
+angle, which is the backward of a rotation.
+
+* ``_rotary_qk_kernel``: RoPE on q and k of every head in ONE launch; one
+  program per (batch, position) row and block of heads, so each program reads
+  its cos/sin row once for all heads of both q and k. q and k are read through
+  strides (views into the packed (B, T, 3, H, D) projection need no copy) and
+  written to any output, which may be the input itself (in place).
+* ``_embedding_rotation_kernel``: workingmem's "rotary", fused with the
+  sqrt(d_model) scale and the residual add:
+  ``s = x * scale; out = s + s*cos + rotate_half(s)*sin`` (``ADD_INPUT``), or
+  the rotation term alone.
+
+The launchers take ``wrap``: identity for direct launches, or
+``torch.library.wrap_triton`` inside a ``triton_op`` so torch.compile can trace
+the launch. Integer arguments that vary with the shape (sequence length,
+batch strides) are not specialised, so a new sequence length does not compile
+a new kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from wmfast.kernels._triton import check_device, check_dtype, tl, triton
+
+MAX_HEAD_DIM = 256
+
+
+@triton.jit(do_not_specialize=["seq_len", "q_sb", "k_sb", "qo_sb", "ko_sb", "c_sb", "s_sb"])
+def _rotary_qk_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
+    seq_len, n_heads,
+    q_sb, q_st, q_sh, q_sd,
+    k_sb, k_st, k_sh, k_sd,
+    qo_sb, qo_st, qo_sh, qo_sd,
+    ko_sb, ko_st, ko_sh, ko_sd,
+    c_sb, c_st, c_sd,
+    s_sb, s_st, s_sd,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, CONJ: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # b * seq_len + t
+    # int64: b * stride overflows int32 on large batches of long sequences
+    b = (row // seq_len).to(tl.int64)
+    t = (row % seq_len).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)
+    j_ok = j < HALF
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (h < n_heads)[:, None] & j_ok[None, :]
+
+    cos = tl.load(cos_ptr + b * c_sb + t * c_st + j * c_sd, mask=j_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + b * s_sb + t * s_st + j * s_sd, mask=j_ok, other=0.0).to(tl.float32)
+    if CONJ:
+        sin = -sin
+    cos = cos[None, :]
+    sin = sin[None, :]
+
+    # queries
+    src = q_ptr + b * q_sb + t * q_st + h[:, None] * q_sh + j[None, :] * q_sd
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF * q_sd, mask=mask, other=0.0).to(tl.float32)
+    dst = qo_ptr + b * qo_sb + t * qo_st + h[:, None] * qo_sh + j[None, :] * qo_sd
+    tl.store(dst, (x1 * cos - x2 * sin).to(qo_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF * qo_sd, (x2 * cos + x1 * sin).to(qo_ptr.dtype.element_ty), mask=mask)
+
+    # keys: same angles
+    src = k_ptr + b * k_sb + t * k_st + h[:, None] * k_sh + j[None, :] * k_sd
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF * k_sd, mask=mask, other=0.0).to(tl.float32)
+    dst = ko_ptr + b * ko_sb + t * ko_st + h[:, None] * ko_sh + j[None, :] * ko_sd
+    tl.store(dst, (x1 * cos - x2 * sin).to(ko_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF * ko_sd, (x2 * cos + x1 * sin).to(ko_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seq_len", "x_sb", "o_sb", "c_sb", "s_sb"])
+def _embedding_rotation_kernel(
+    x_ptr, out_ptr, cos_ptr, sin_ptr,
+    seq_len, scale,
+    x_sb, x_st, x_sd,
+    o_sb, o_st, o_sd,
+    c_sb, c_st, c_sd,
+    s_sb, s_st, s_sd,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, ADD_INPUT: tl.constexpr, CONJ: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # b * seq_len + t
+    b = (row // seq_len).to(tl.int64)
+    t = (row % seq_len).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)
+    ok = j < HALF
+
+    cos = tl.load(cos_ptr + b * c_sb + t * c_st + j * c_sd, mask=ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + b * s_sb + t * s_st + j * s_sd, mask=ok, other=0.0).to(tl.float32)
+    if CONJ:
+        sin = -sin
+
+    src = x_ptr + b * x_sb + t * x_st + j * x_sd
+    x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32) * scale
+    x2 = tl.load(src + HALF * x_sd, mask=ok, other=0.0).to(tl.float32) * scale
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if ADD_INPUT:
+        o1 += x1
+        o2 += x2
+    dst = out_ptr + b * o_sb + t * o_st + j * o_sd
+    tl.store(dst, o1.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + HALF * o_sd, o2.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _identity(kernel):
+    return kernel
+
+
+def _table_strides(name: str, table: torch.Tensor, batch: int, seq_len: int, half: int):
+    """(batch, position, feature) strides of a cos/sin table.
+
+    Accepts (T, D/2) or (B, T, D/2) (a batch stride of 0, from expand, is fine);
+    a table of batch 1 is broadcast over the batch.
+    """
+    check_dtype(name, table, (torch.float32,))
+    if table.dim() == 2 and tuple(table.shape) == (seq_len, half):
+        return 0, table.stride(0), table.stride(1)
+    if table.dim() == 3 and table.shape[1:] == (seq_len, half) and table.shape[0] in (1, batch):
+        return (0 if table.shape[0] == 1 else table.stride(0)), table.stride(1), table.stride(2)
+    raise ValueError(
+        f"{name} must have shape ({batch}, {seq_len}, {half}), (1, {seq_len}, {half}) or "
+        f"({seq_len}, {half}); got {tuple(table.shape)}"
+    )
+
+
+def check_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Clear errors for inputs the rotary_qk kernel cannot take."""
+    if q.dim() != 4 or q.shape != k.shape:
+        raise ValueError(
+            f"q and k must both be (batch, seq_len, heads, head_dim); got {tuple(q.shape)} "
+            f"and {tuple(k.shape)}"
+        )
+    head_dim = q.shape[-1]
+    if head_dim % 2 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head_dim must be even and at most {MAX_HEAD_DIM} (RoPE rotates pairs "
+            f"(j, j + head_dim/2)); got {head_dim}"
+        )
+    check_dtype("q", q)
+    if k.dtype != q.dtype:
+        raise TypeError(f"q and k must share a dtype; got {q.dtype} and {k.dtype}")
+    check_device(q, k, cos, sin)
+    batch, seq_len = q.shape[:2]
+    _table_strides("cos", cos, batch, seq_len, head_dim // 2)
+    _table_strides("sin", sin, batch, seq_len, head_dim // 2)
+
+
+def rotary_qk_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    conj: bool = False,
+    wrap: Callable = _identity,
+) -> None:
+    """Rotate q and k (B, T, H, D) into q_out and k_out (which may be q and k)."""
+    check_rotary_qk(q, k, cos, sin)
+    batch, seq_len, heads, head_dim = q.shape
+    half = head_dim // 2
+    if q.numel() == 0:
+        return
+    block_half = triton.next_power_of_2(half)
+    # ~2k elements per program and tensor: enough work per program to hide
+    # latency, few enough registers for head dims up to 256
+    block_h = max(1, min(triton.next_power_of_2(heads), 2048 // block_half))
+    grid = (batch * seq_len, triton.cdiv(heads, block_h))
+    wrap(_rotary_qk_kernel)[grid](
+        q, k, q_out, k_out, cos, sin,
+        seq_len, heads,
+        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
+        *_table_strides("cos", cos, batch, seq_len, half),
+        *_table_strides("sin", sin, batch, seq_len, half),
+        HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h, CONJ=conj,
+    )  # fmt: skip
+
+
+def check_embedding_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Clear errors for inputs the embedding-rotation kernel cannot take."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, seq_len, d_model); got {tuple(x.shape)}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"d_model must be even (pairs (i, i + d/2)); got {x.shape[-1]}")
+    check_dtype("x", x)
+    check_device(x, cos, sin)
+    batch, seq_len, d_model = x.shape
+    _table_strides("cos", cos, batch, seq_len, d_model // 2)
+    _table_strides("sin", sin, batch, seq_len, d_model // 2)
+
+
+def embedding_rotation_launch(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    out: torch.Tensor,
+    scale: float = 1.0,
+    add_input: bool = True,
+    conj: bool = False,
+    wrap: Callable = _identity,
+) -> None:
+    """out = s + rotate(s) (add_input) or rotate(s), with s = x * scale; x: (B, T, d)."""
+    check_embedding_rotation(x, cos, sin)
+    batch, seq_len, d_model = x.shape
+    half = d_model // 2
+    if x.numel() == 0:
+        return
+    wrap(_embedding_rotation_kernel)[(batch * seq_len,)](
+        x, out, cos, sin,
+        seq_len, float(scale),
+        *x.stride(), *out.stride(),
+        *_table_strides("cos", cos, batch, seq_len, half),
+        *_table_strides("sin", sin, batch, seq_len, half),
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), ADD_INPUT=add_input, CONJ=conj,
+    )  # fmt: skip

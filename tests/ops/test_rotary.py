@@ -1,0 +1,139 @@
+"""The torch ops around the rotary kernels: gradients against the pure-torch
+reference (autograd), torch.compile with no graph break, the in-place variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wmfast import functional as WF
+
+from ..helpers import FP32_GRADS, FP32_LOGITS, kernel_device
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(scope="module")
+def R():
+    from wmfast.ops import rotary
+
+    return rotary
+
+
+@given(
+    batch=st.integers(1, 3),
+    seq_len=st.sampled_from([1, 3, 7, 16]),
+    heads=st.integers(1, 4),
+    head_dim=st.sampled_from([2, 8, 48, 96]),
+    table_grads=st.booleans(),
+    broadcast=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_rotary_qk_op_forward_and_grads_match_reference(
+    R, batch, seq_len, heads, head_dim, table_grads, broadcast, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    device = kernel_device()
+    qkv = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(device).requires_grad_()
+    if broadcast:
+        cos, sin = WF.rotary_tables(seq_len, WF.rotary_inv_freq(head_dim).to(device))
+    else:
+        cos, sin = WF.rotary_qk_tables(batch, seq_len, WF.rotary_inv_freq(head_dim).to(device))
+    cos, sin = cos.clone().requires_grad_(table_grads), sin.clone().requires_grad_(table_grads)
+    w_q = torch.randn(batch, seq_len, heads, head_dim, generator=gen).to(device)
+    w_k = torch.randn(batch, seq_len, heads, head_dim, generator=gen).to(device)
+    inputs = (qkv, cos, sin) if table_grads else (qkv,)
+
+    def run(fn):
+        q, k = fn(qkv[:, :, 0], qkv[:, :, 1], cos, sin)
+        loss = (q * w_q).sum() + (k * w_k).sum()
+        return (q, k), torch.autograd.grad(loss, inputs)
+
+    (q, k), grads = run(R.rotary_qk)
+    (q_ref, k_ref), grads_ref = run(WF.rotary_qk)
+    torch.testing.assert_close(q, q_ref, **FP32_LOGITS)
+    torch.testing.assert_close(k, k_ref, **FP32_LOGITS)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, **FP32_GRADS)
+
+
+@given(
+    batch=st.integers(1, 3),
+    seq_len=st.sampled_from([1, 4, 9]),
+    d_model=st.sampled_from([8, 48, 130]),
+    table_grads=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_embedding_rotation_op_forward_and_grads_match_reference(
+    R, batch, seq_len, d_model, table_grads, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    device = kernel_device()
+    emb = torch.randn(batch, seq_len, d_model, generator=gen).to(device).requires_grad_()
+    cos, sin = WF.rotary_tables(seq_len, WF.rotary_inv_freq(d_model).to(device))
+    cos, sin = cos.clone().requires_grad_(table_grads), sin.clone().requires_grad_(table_grads)
+    weight = torch.randn(batch, seq_len, d_model, generator=gen).to(device)
+    inputs = (emb, cos, sin) if table_grads else (emb,)
+    scale = d_model**0.5
+
+    fused = R.embedding_rotation(emb, cos, sin, scale=scale)
+    # the reference model's steps: scale, then x + pos_encoder(x)
+    x = emb * scale
+    eager = x + WF.rotate_pairs(x, cos, sin)
+    torch.testing.assert_close(fused, eager, **FP32_LOGITS)
+    got = torch.autograd.grad((fused * weight).sum(), inputs)
+    want = torch.autograd.grad((eager * weight).sum(), inputs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **FP32_GRADS)
+
+    # the rotation term alone, as pos_encoder.output on the traced path
+    term = R.embedding_rotation(x.detach(), cos.detach(), sin.detach(), add_input=False)
+    torch.testing.assert_close(
+        term, WF.rotate_pairs(x.detach(), cos.detach(), sin.detach()), **FP32_LOGITS
+    )
+
+
+def test_compiles_with_no_graph_break_forward_and_backward(R):
+    device = kernel_device()
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 5, 3, 2, 8, generator=gen).to(device).requires_grad_()
+    emb = torch.randn(2, 5, 16, generator=gen).to(device).requires_grad_()
+    cos_qk, sin_qk = WF.rotary_tables(5, WF.rotary_inv_freq(8).to(device))
+    cos_e, sin_e = WF.rotary_tables(5, WF.rotary_inv_freq(16).to(device))
+
+    def step(qkv, emb):
+        q, k = R.rotary_qk(qkv[:, :, 0], qkv[:, :, 1], cos_qk, sin_qk)
+        x = R.embedding_rotation(emb, cos_e, sin_e, scale=4.0)
+        return (q * k).sum() + x.square().sum()
+
+    explanation = torch._dynamo.explain(step)(qkv, emb)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(qkv, emb)
+    grads = torch.autograd.grad(loss, (qkv, emb))
+    eager_loss = step(qkv, emb)
+    eager_grads = torch.autograd.grad(eager_loss, (qkv, emb))
+    torch.testing.assert_close(loss, eager_loss, **FP32_LOGITS)
+    for g, w in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, w, **FP32_GRADS)
+
+
+def test_packed_in_place_matches_and_refuses_autograd(R):
+    device = kernel_device()
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 6, 3, 2, 12, generator=gen).to(device)
+    cos, sin = WF.rotary_qk_tables(2, 6, WF.rotary_inv_freq(12).to(device))
+    q_ref, k_ref = WF.rotary_qk(qkv[:, :, 0], qkv[:, :, 1], cos, sin)
+    v = qkv[:, :, 2].clone()
+    with torch.no_grad():
+        R.rotary_qk_packed_(qkv, cos, sin)
+    torch.testing.assert_close(qkv[:, :, 0], q_ref, **FP32_LOGITS)
+    torch.testing.assert_close(qkv[:, :, 1], k_ref, **FP32_LOGITS)
+    assert torch.equal(qkv[:, :, 2], v)
+    with pytest.raises(RuntimeError, match="has no backward"):
+        R.rotary_qk_packed_(qkv.clone().requires_grad_(), cos, sin)
+    with pytest.raises(ValueError, match=r"\(batch, seq_len, 3, heads, head_dim\)"):
+        R.rotary_qk_packed_(qkv[:, :, :2], cos, sin)
