@@ -1,0 +1,194 @@
+"""Rotary kernels against their peers: the pure-torch eager reference, the same
+math under torch.compile (Inductor's generated kernel), and liger-kernel's RoPE.
+
+Groups: ``rotary_qk/{fwd,fwdbwd}/{shape}/{dtype}`` and
+``embedding_rotation/{fwd,fwdbwd}/{shape}/{dtype}``; ``gb_per_s`` in extra_info
+counts the bytes each call must move (read q, k; write q', k'; backward the
+same again), tables excluded (they are (T, D/2) and stay in cache).
+
+Run on a GPU:  pytest bench/bench_rotary.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wmfast import functional as WF
+
+from .timing import time_it
+
+pytestmark = pytest.mark.triton
+
+# name: (batch, seq_len, heads, head_dim) for rotary_qk
+QK_SHAPES_CUDA = {
+    "sir_d128": (256, 800, 4, 128),  # SIR task, d_model 512
+    "sir_d64": (256, 800, 4, 64),  # SIR task, d_model 256
+    "large": (8, 4096, 32, 128),  # bandwidth-bound
+}
+QK_SHAPES_CPU = {"tiny": (2, 8, 2, 16)}
+QK_CASES_CUDA = [(s, torch.bfloat16) for s in QK_SHAPES_CUDA] + [("sir_d128", torch.float32)]
+QK_CASES_CPU = [("tiny", torch.float32)]
+
+# name: (batch, seq_len, d_model) for the embedding rotation
+EMB_SHAPES_CUDA = {"sir_d512": (256, 800, 512), "sir_d256": (256, 800, 256)}
+EMB_SHAPES_CPU = {"tiny": (2, 8, 32)}
+EMB_CASES_CUDA = [(s, dt) for s in EMB_SHAPES_CUDA for dt in (torch.bfloat16, torch.float32)]
+EMB_CASES_CPU = [("tiny", torch.float32)]
+
+QK_IMPLS = ["torch_eager", "torch_compile", "wmfast_triton", "wmfast_triton_inplace", "liger"]
+EMB_IMPLS = ["torch_eager", "torch_compile", "wmfast_triton"]
+
+
+def _cases(cuda_cases, cpu_cases):
+    on_cuda = torch.cuda.is_available()
+    return [
+        pytest.param(shape, dtype, id=f"{shape}-{str(dtype).split('.')[-1]}")
+        for shape, dtype in (cuda_cases if on_cuda else cpu_cases)
+    ]
+
+
+def _calls(device, numel) -> int:
+    # enough back-to-back calls that one synchronize per round is noise
+    return max(1, min(50, 50_000_000 // max(numel, 1))) if device.type == "cuda" else 1
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from wmfast.ops import rotary
+
+    return rotary
+
+
+@pytest.fixture(scope="module")
+def compiled_rotary_qk():
+    return torch.compile(WF.rotary_qk, dynamic=False)
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("impl", QK_IMPLS)
+@pytest.mark.parametrize("shape, dtype", _cases(QK_CASES_CUDA, QK_CASES_CPU))
+def bench_rotary_qk(benchmark, device, ops, compiled_rotary_qk, shape, dtype, impl, direction):
+    batch, seq_len, heads, head_dim = {**QK_SHAPES_CUDA, **QK_SHAPES_CPU}[shape]
+    if impl == "wmfast_triton_inplace" and direction == "fwdbwd":
+        pytest.skip("the in-place variant has no backward (inference only)")
+    benchmark.group = f"rotary_qk/{direction}/{shape}/{str(dtype).split('.')[-1]}"
+    gen = torch.Generator().manual_seed(0)
+    grad = direction == "fwdbwd"
+    qkv = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(device, dtype)
+    qkv.requires_grad_(grad)
+    cos, sin = WF.rotary_tables(seq_len, WF.rotary_inv_freq(head_dim).to(device))
+    cos, sin = cos[None], sin[None]  # (1, T, D/2): one table for the whole batch
+    g_q = torch.randn(batch, seq_len, heads, head_dim, generator=gen).to(device, dtype)
+    g_k = g_q.flip(0)
+
+    if impl == "liger":
+        fn = _liger_rotary_qk(qkv.detach(), cos, sin, g_q, g_k, direction)
+    elif impl == "wmfast_triton_inplace":
+        buffer = qkv.detach().clone()
+
+        def fn():
+            ops.rotary_qk_packed_(buffer, cos, sin)  # rotates the same buffer every call
+
+    else:
+        rotate = {
+            "torch_eager": WF.rotary_qk,
+            "torch_compile": compiled_rotary_qk,
+            "wmfast_triton": ops.rotary_qk,
+        }[impl]
+
+        def fn():
+            q, k = rotate(qkv[:, :, 0], qkv[:, :, 1], cos, sin)
+            if grad:
+                torch.autograd.backward((q, k), (g_q, g_k))
+                qkv.grad = None
+
+    numel = batch * seq_len * heads * head_dim
+    moved = 4 * numel * qkv.element_size() * (2 if grad else 1)
+    with torch.set_grad_enabled(grad):
+        time_it(
+            benchmark,
+            fn,
+            device,
+            calls=_calls(device, numel),
+            bytes_per_call=moved,
+            shape=[batch, seq_len, heads, head_dim],
+            dtype=str(dtype),
+            impl=impl,
+            direction=direction,
+        )
+
+
+def _liger_rotary_qk(qkv, cos, sin, g_q, g_k, direction):
+    """liger's RoPE on its preferred layout: q, k as (B, H, T, D) views of
+    contiguous (B, T, H, D) storage and duplicated (1, T, D) tables, in place.
+    fwdbwd calls its forward and backward launchers directly (it rotates in
+    place, so autograd on a reused leaf is not an option)."""
+    if not torch.cuda.is_available():
+        pytest.skip("liger-kernel runs on CUDA only")
+    rope = pytest.importorskip("liger_kernel.ops.rope")
+    q = qkv[:, :, 0].contiguous().transpose(1, 2)
+    k = qkv[:, :, 1].contiguous().transpose(1, 2)
+    cos_full, sin_full = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    dq, dk = g_q.transpose(1, 2).clone(), g_k.transpose(1, 2).clone()
+
+    def fn():
+        rope.rope_forward(q, k, cos_full, sin_full)
+        if direction == "fwdbwd":
+            rope.rope_backward(dq, dk, cos_full, sin_full)
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def compiled_embedding_rotation():
+    return torch.compile(_embedding_rotation_eager, dynamic=False)
+
+
+def _embedding_rotation_eager(emb, inv_freq, scale):
+    """The reference model's steps: scale, then x + pos_encoder(x)."""
+    x = emb * scale
+    return x + WF.embedding_rotation(x, inv_freq)
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("impl", EMB_IMPLS)
+@pytest.mark.parametrize("shape, dtype", _cases(EMB_CASES_CUDA, EMB_CASES_CPU))
+def bench_embedding_rotation(
+    benchmark, device, ops, compiled_embedding_rotation, shape, dtype, impl, direction
+):
+    batch, seq_len, d_model = {**EMB_SHAPES_CUDA, **EMB_SHAPES_CPU}[shape]
+    benchmark.group = f"embedding_rotation/{direction}/{shape}/{str(dtype).split('.')[-1]}"
+    gen = torch.Generator().manual_seed(0)
+    grad = direction == "fwdbwd"
+    emb = torch.randn(batch, seq_len, d_model, generator=gen).to(device, dtype).requires_grad_(grad)
+    inv_freq = WF.rotary_inv_freq(d_model).to(device)
+    g = torch.randn(batch, seq_len, d_model, generator=gen).to(device, dtype)
+    scale = d_model**0.5
+
+    def forward():
+        if impl == "wmfast_triton":  # the fast model's steps: tables, then one fused kernel
+            cos, sin = WF.rotary_tables(seq_len, inv_freq)
+            return ops.embedding_rotation(emb, cos, sin, scale=scale)
+        rotate = _embedding_rotation_eager if impl == "torch_eager" else compiled_embedding_rotation
+        return rotate(emb, inv_freq, scale)
+
+    def fn():
+        out = forward()
+        if grad:
+            out.backward(g)
+            emb.grad = None
+
+    numel = batch * seq_len * d_model
+    with torch.set_grad_enabled(grad):
+        time_it(
+            benchmark,
+            fn,
+            device,
+            calls=_calls(device, numel),
+            bytes_per_call=2 * numel * emb.element_size() * (2 if grad else 1),
+            shape=[batch, seq_len, d_model],
+            dtype=str(dtype),
+            impl=impl,
+            direction=direction,
+        )

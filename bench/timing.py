@@ -1,0 +1,77 @@
+"""GPU-correct timing for the benchmark suites, and what each result records.
+
+``time_it`` uses pytest-benchmark's pedantic mode: one untimed warm-up round
+first (compiles, autotuning, the allocator), then rounds of ``calls``
+back-to-back calls ending in ``torch.cuda.synchronize()`` inside the timed
+region, so a round measures finished GPU work. The per-call median, GB/s or
+tokens/s go into ``extra_info``, with the device, torch, triton and CUDA versions.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+
+import torch
+
+
+def environment() -> dict:
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": "cpu",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["cpu_threads"] = torch.get_num_threads()
+        info["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(
+    benchmark,
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    calls: int = 1,
+    rounds: int | None = None,
+    bytes_per_call: int | None = None,
+    tokens_per_call: int | None = None,
+    **info,
+) -> None:
+    """Benchmark ``fn`` (``calls`` calls per timed round) and record what was measured."""
+
+    def one_round() -> None:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+
+    benchmark.extra_info.update(environment())
+    benchmark.extra_info.update(info, calls_per_round=calls)
+    if rounds is None:
+        rounds = 20 if device.type == "cuda" else 3
+    one_round()  # warm-up outside the timed region
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
+        return
+    per_call = benchmark.stats.stats.median / calls
+    benchmark.extra_info["median_per_call_s"] = per_call
+    if bytes_per_call:
+        benchmark.extra_info["bytes_per_call"] = bytes_per_call
+        benchmark.extra_info["gb_per_s"] = bytes_per_call / per_call / 1e9
+    if tokens_per_call:
+        benchmark.extra_info["tokens_per_s"] = tokens_per_call / per_call
