@@ -62,3 +62,10 @@ def rotate_pairs_fp64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 def kernel_device() -> torch.device:
     """Where kernel tests run: CUDA when present, else the CPU (Triton interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def reference_model(config: ModelConfig) -> torch.nn.Module:
+    """The reference variant (build_model's default is the fast one)."""
+    from wmfast import build_model
+
+    return build_model(config, variant="reference")

@@ -30,9 +30,16 @@ def test_missing_vocab_is_a_clear_error():
         build_model(ModelConfig(d_model=16))
 
 
-def test_fast_variant_is_not_available_yet():
-    with pytest.raises(NotImplementedError, match="variant='fast' is not available yet"):
-        build_model(small_config(), variant="fast")
+def test_fast_is_the_default_variant_and_reference_is_one_argument_away():
+    assert build_model(small_config()).variant == "fast"
+    assert build_model(small_config(), variant="reference").variant == "reference"
+
+
+def test_fast_options_only_apply_to_the_fast_variant():
+    from wmfast.fast import FastOptions
+
+    with pytest.raises(ConfigError, match="fast_options only apply"):
+        build_model(small_config(), variant="reference", fast_options=FastOptions())
 
 
 def test_unknown_variant_is_a_clear_error():

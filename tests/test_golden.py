@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from wmfast import ModelConfig, build_model
+from wmfast import ModelConfig
 from wmfast.checkpoint import load_state_dict_strict, without_aliases
 from wmfast.models import create_model
 
-from .helpers import FP32_LOGITS, GOLDEN
+from .helpers import FP32_LOGITS, GOLDEN, reference_model
 
 FULL_FILES = sorted(p.name for p in GOLDEN.glob("*.pt") if not p.name.endswith(".compact.pt"))
 
@@ -30,7 +30,7 @@ def _sha256(t: torch.Tensor) -> str:
 @pytest.mark.parametrize("name", FULL_FILES)
 def test_seed_gives_workingmems_initial_weights_bitwise(name):
     golden = _golden(name)
-    model = build_model(ModelConfig.from_dict(golden["config"]))
+    model = reference_model(ModelConfig.from_dict(golden["config"]))
     ours = model.state_dict()
     theirs = without_aliases(golden["state_dict"])
     assert list(ours) == list(theirs)  # same keys, same order
@@ -60,7 +60,7 @@ def test_golden_weights_give_golden_logits(name, fastpath):
 
 def test_full_default_model_matches_compact_golden():
     golden = _golden("transformer_defaults_vocab350.compact.pt")
-    model = build_model(ModelConfig.from_dict(golden["config"]))
+    model = reference_model(ModelConfig.from_dict(golden["config"]))
     ours = model.state_dict()
     expected = {
         k: v
@@ -92,7 +92,7 @@ def _full_golden_dir() -> Path | None:
 @pytest.mark.skipif(_full_golden_dir() is None, reason="full golden file not beside the checkout")
 def test_full_default_model_matches_full_golden_file():
     golden = torch.load(_full_golden_dir() / "transformer_defaults_vocab350.pt", weights_only=True)
-    model = build_model(ModelConfig.from_dict(golden["config"]))
+    model = reference_model(ModelConfig.from_dict(golden["config"]))
     theirs = without_aliases(golden["state_dict"])
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, theirs[key]), key

@@ -42,9 +42,13 @@ def test_base_wrapper_builds_what_the_config_names():
     assert type(ModelWrapper(small_config(model_class="lstm")).model).__name__ == "LSTMModel"
 
 
-def test_fast_variant_is_a_clear_error_for_now():
-    with pytest.raises(NotImplementedError, match="fast"):
-        TransformerModelWrapper(small_config(), variant="fast")
+def test_wrappers_default_to_the_fast_variant(tmp_path):
+    wrapper = TransformerModelWrapper(small_config())
+    assert wrapper.variant == "fast" and wrapper.model.variant == "fast"
+    wrapper.save_checkpoint(tmp_path)
+    assert TransformerModelWrapper.from_checkpoint_dir(tmp_path).model.variant == "fast"
+    reference = TransformerModelWrapper.from_checkpoint_dir(tmp_path, variant="reference")
+    assert reference.model.variant == "reference"
 
 
 def test_save_and_load_checkpoint(tmp_path):

@@ -1,8 +1,8 @@
 """build_model: a config (and a variant name) in, a model out.
 
 The variant is named by one argument everywhere: ``"reference"`` (plain eager
-PyTorch, workingmem's semantics) or ``"fast"`` (the same module tree, computed
-faster; not available yet in this version).
+PyTorch, workingmem's semantics) or ``"fast"`` (the default: the same module
+tree, computing the same function faster; see wmfast.fast).
 """
 
 from __future__ import annotations
@@ -19,17 +19,24 @@ from wmfast.models import create_model
 logger = logging.getLogger("wmfast")
 
 VARIANTS = ("reference", "fast")
-DEFAULT_VARIANT = "reference"
+DEFAULT_VARIANT = "fast"
 
 
 def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ConfigError(f"variant must be one of {list(VARIANTS)}; got {variant!r}")
+
+
+def apply_variant(model: nn.Module, variant: str, fast_options=None) -> nn.Module:
+    """Make a freshly built reference model the variant asked for (in place)."""
+    check_variant(variant)
     if variant == "fast":
-        raise NotImplementedError(
-            "variant='fast' is not available yet in this version of wmfast; "
-            "use variant='reference' (the fast variants are being built)"
-        )
+        from wmfast.fast import attach_fast
+
+        return attach_fast(model, fast_options)
+    if fast_options is not None:
+        raise ConfigError("fast_options only apply to variant='fast'")
+    return model
 
 
 def seed_like_workingmem(seed: int | str | None) -> None:
@@ -43,14 +50,16 @@ def seed_like_workingmem(seed: int | str | None) -> None:
         np.random.seed(int(seed))
 
 
-def build_model(config: ModelConfig, variant: str = DEFAULT_VARIANT) -> nn.Module:
+def build_model(
+    config: ModelConfig, variant: str = DEFAULT_VARIANT, fast_options=None
+) -> nn.Module:
     """Build the model ``config`` describes.
 
     With ``config.seed`` set, the global RNGs are seeded first and the weights are
     bit-for-bit those workingmem gives for that seed. With
     ``config.from_pretrained`` set, the model is loaded from that run directory
     (its stored config.yaml wins; the other fields passed are ignored, with a
-    warning, as in workingmem).
+    warning, as in workingmem). ``fast_options``: a wmfast.fast.FastOptions.
     """
     check_variant(variant)
     if config.from_pretrained is not None:
@@ -60,7 +69,7 @@ def build_model(config: ModelConfig, variant: str = DEFAULT_VARIANT) -> nn.Modul
             "loading model from checkpoint %s; the other ModelConfig fields passed are ignored",
             config.from_pretrained,
         )
-        return load_model(config.from_pretrained, variant=variant)
+        return load_model(config.from_pretrained, variant=variant, fast_options=fast_options)
     config.require_vocab()
     seed_like_workingmem(config.seed)
-    return create_model(config)
+    return apply_variant(create_model(config), variant, fast_options)

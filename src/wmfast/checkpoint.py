@@ -289,13 +289,16 @@ def model_from_run(run: Run, run_dir: str | os.PathLike) -> nn.Module:
 
 
 def load_model(
-    run_dir: str | os.PathLike, epoch: int | None = None, variant: str = "reference"
+    run_dir: str | os.PathLike,
+    epoch: int | None = None,
+    variant: str = "fast",
+    fast_options=None,
 ) -> nn.Module:
     """Build the model a run directory describes and load its weights strictly."""
-    from wmfast.build import check_variant
+    from wmfast.build import apply_variant, check_variant
 
     check_variant(variant)
-    return model_from_run(read_run(run_dir, epoch), run_dir)
+    return apply_variant(model_from_run(read_run(run_dir, epoch), run_dir), variant, fast_options)
 
 
 def save_run(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from wmfast import checkpoint
-from wmfast.build import DEFAULT_VARIANT, build_model, check_variant
+from wmfast.build import DEFAULT_VARIANT, apply_variant, build_model, check_variant
 from wmfast.config import ConfigError, ModelConfig
 
 logger = logging.getLogger("wmfast")
@@ -37,12 +37,14 @@ class ModelWrapper:
     config: ModelConfig
     history: list
 
-    def __init__(self, config: ModelConfig, variant: str = DEFAULT_VARIANT) -> None:
-        self._init_state(variant)
+    def __init__(
+        self, config: ModelConfig, variant: str = DEFAULT_VARIANT, fast_options=None
+    ) -> None:
+        self._init_state(variant, fast_options)
         if config.from_pretrained is None:
             self._check_model_class(config)
             self.config = config
-            self.model = build_model(config, variant=variant).to(self.device)
+            self.model = build_model(config, variant, fast_options).to(self.device)
         else:
             logger.warning(
                 "loading model from checkpoint %s; the other ModelConfig fields passed are "
@@ -52,9 +54,10 @@ class ModelWrapper:
             )
             self.load_checkpoint(config.from_pretrained)
 
-    def _init_state(self, variant: str) -> None:
+    def _init_state(self, variant: str, fast_options) -> None:
         check_variant(variant)
         self.variant = variant
+        self.fast_options = fast_options
         self.history = []
         # chosen here, at construction, never at import time
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,11 +72,15 @@ class ModelWrapper:
 
     @classmethod
     def from_checkpoint_dir(
-        cls, ckpt_dir: str | os.PathLike, epoch: int | None = None, variant: str = DEFAULT_VARIANT
+        cls,
+        ckpt_dir: str | os.PathLike,
+        epoch: int | None = None,
+        variant: str = DEFAULT_VARIANT,
+        fast_options=None,
     ) -> ModelWrapper:
         """A wrapper holding a run directory's model, config and history."""
         wrapper = cls.__new__(cls)
-        wrapper._init_state(variant)
+        wrapper._init_state(variant, fast_options)
         wrapper.load_checkpoint(ckpt_dir, epoch=epoch)
         return wrapper
 
@@ -81,7 +88,8 @@ class ModelWrapper:
         """Replace model, config and history with a run directory's (strict load)."""
         run = checkpoint.read_run(checkpoint_dir, epoch=epoch)
         self._check_model_class(run.config)
-        self.model = checkpoint.model_from_run(run, checkpoint_dir).to(self.device)
+        model = checkpoint.model_from_run(run, checkpoint_dir)
+        self.model = apply_variant(model, self.variant, self.fast_options).to(self.device)
         self.config = self.model.config.replace()
         self.history = run.history
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wmfast import build_model
-
-from ..helpers import POSITIONAL_TYPES, random_ids, small_config
+from ..helpers import POSITIONAL_TYPES, random_ids, reference_model, small_config
 
 ALL_MODELS = [("transformer", pe) for pe in POSITIONAL_TYPES] + [("rnn", None), ("lstm", None)]
 
 
 def _model(cls, pe, **kw):
-    return build_model(
+    return reference_model(
         small_config(
             model_class=cls,
             positional_embedding_type=pe,

@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wmfast import build_model
-
-from ..helpers import random_ids, small_config
+from ..helpers import random_ids, reference_model, small_config
 
 
 @pytest.mark.parametrize(
     "cls, core, inner", [("rnn", "rnn_core", "rnn"), ("lstm", "lstm_core", "lstm")]
 )
 def test_paths_and_keys(cls, core, inner):
-    model = build_model(small_config(model_class=cls, act_fn="tanh" if cls == "rnn" else "relu"))
+    model = reference_model(
+        small_config(model_class=cls, act_fn="tanh" if cls == "rnn" else "relu")
+    )
     paths = dict(model.named_modules())
     assert {"embedding", core, f"{core}.{inner}", "output_layer"} <= set(paths)
     keys = list(model.state_dict())
@@ -29,7 +29,7 @@ def test_paths_and_keys(cls, core, inner):
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])
 def test_rnn_matches_a_step_by_step_recurrence(act):
-    model = build_model(small_config(model_class="rnn", act_fn=act, n_layers=1))
+    model = reference_model(small_config(model_class="rnn", act_fn=act, n_layers=1))
     ids = random_ids(0, 50, 2, 7)
     rnn = model.rnn_core.rnn
     x = model.embedding(ids)  # no sqrt scaling for recurrent models
@@ -47,7 +47,9 @@ def test_rnn_matches_a_step_by_step_recurrence(act):
 
 @pytest.mark.parametrize("cls", ["rnn", "lstm"])
 def test_core_returns_only_the_output_sequence(cls):
-    model = build_model(small_config(model_class=cls, act_fn="tanh" if cls == "rnn" else "relu"))
+    model = reference_model(
+        small_config(model_class=cls, act_fn="tanh" if cls == "rnn" else "relu")
+    )
     core = model.rnn_core if cls == "rnn" else model.lstm_core
     out = core(torch.randn(3, 5, 32))
     assert isinstance(out, torch.Tensor) and out.shape == (3, 5, 24)
@@ -55,7 +57,9 @@ def test_core_returns_only_the_output_sequence(cls):
 
 @pytest.mark.parametrize("cls", ["rnn", "lstm"])
 def test_recurrent_models_are_causal(cls):
-    model = build_model(small_config(model_class=cls, act_fn="tanh" if cls == "rnn" else "relu"))
+    model = reference_model(
+        small_config(model_class=cls, act_fn="tanh" if cls == "rnn" else "relu")
+    )
     ids = random_ids(1, 50, 2, 9)
     changed = ids.clone()
     changed[:, 4] = (changed[:, 4] + 3) % 50
@@ -65,5 +69,5 @@ def test_recurrent_models_are_causal(cls):
 
 
 def test_recurrent_models_have_no_position_limit():
-    model = build_model(small_config(model_class="lstm", n_ctx=4))
+    model = reference_model(small_config(model_class="lstm", n_ctx=4))
     assert model(random_ids(2, 50, 1, 9)).shape == (1, 9, 50)

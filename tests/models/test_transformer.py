@@ -11,10 +11,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wmfast import build_model
 from wmfast.models.transformer import RotaryEncoderLayer
 
-from ..helpers import FP32_LOGITS, POSITIONAL_TYPES, random_ids, small_config
+from ..helpers import FP32_LOGITS, POSITIONAL_TYPES, random_ids, reference_model, small_config
 
 
 def _layer_keys(i: int) -> list[str]:
@@ -45,7 +44,7 @@ POS_KEYS = {
 
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 def test_state_dict_keys(pe):
-    model = build_model(small_config(positional_embedding_type=pe, n_layers=3))
+    model = reference_model(small_config(positional_embedding_type=pe, n_layers=3))
     expected = (
         ["embedding.weight"]
         + POS_KEYS[pe]
@@ -57,7 +56,7 @@ def test_state_dict_keys(pe):
 
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 def test_documented_module_paths_exist(pe):
-    model = build_model(small_config(positional_embedding_type=pe))
+    model = reference_model(small_config(positional_embedding_type=pe))
     paths = dict(model.named_modules())
     for path in [
         "embedding",
@@ -81,7 +80,7 @@ def test_documented_module_paths_exist(pe):
 @pytest.mark.parametrize("d_mlp", [0, 40])
 def test_parameter_count(pe, d_mlp):
     d, v, n, L = 32, 50, 64, 2
-    model = build_model(small_config(positional_embedding_type=pe, d_mlp=d_mlp))
+    model = reference_model(small_config(positional_embedding_type=pe, d_mlp=d_mlp))
     per_layer = (3 * d * d + 3 * d) + (d * d + d) + (d * d_mlp + d_mlp) + (d_mlp * d + d) + 4 * d
     expected = v * d + L * per_layer + (d * v + v) + (n * d if pe == "standard" else 0)
     assert sum(p.numel() for p in model.parameters()) == expected
@@ -89,15 +88,15 @@ def test_parameter_count(pe, d_mlp):
 
 def test_layers_start_with_identical_biases_and_distinct_weights():
     # nn.TransformerEncoder deep-copies ONE layer; only the xavier pass (2-D params) differs
-    model = build_model(small_config(d_mlp=16))
+    model = reference_model(small_config(d_mlp=16))
     l0, l1 = model.transformer_encoder.layers
     assert torch.equal(l0.linear1.bias, l1.linear1.bias)
     assert not torch.equal(l0.linear1.weight, l1.linear1.weight)
 
 
 def test_rotary_qk_seed_gives_the_same_weights_as_no_positions():
-    a = build_model(small_config(positional_embedding_type=None, seed=7)).state_dict()
-    b = build_model(small_config(positional_embedding_type="rotary_qk", seed=7)).state_dict()
+    a = reference_model(small_config(positional_embedding_type=None, seed=7)).state_dict()
+    b = reference_model(small_config(positional_embedding_type="rotary_qk", seed=7)).state_dict()
     b.pop("pos_encoder.inv_freq")
     assert list(a) == list(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -121,7 +120,7 @@ configs = st.fixed_dictionaries(
 
 
 def _model_from(c):
-    return build_model(
+    return reference_model(
         small_config(
             positional_embedding_type=c["pe"],
             n_heads=c["heads"],
@@ -149,7 +148,7 @@ def test_causal_future_tokens_do_not_change_past_logits(c, data):
 
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 def test_eval_no_grad_matches_eval_with_grad_and_train_without_dropout(pe):
-    model = build_model(small_config(positional_embedding_type=pe))
+    model = reference_model(small_config(positional_embedding_type=pe))
     ids = random_ids(3, 50, 2, 11)
     model.eval()
     with torch.no_grad():
@@ -161,7 +160,7 @@ def test_eval_no_grad_matches_eval_with_grad_and_train_without_dropout(pe):
 
 
 def test_rotary_position_zero_is_doubled():
-    model = build_model(small_config(positional_embedding_type="rotary")).eval()
+    model = reference_model(small_config(positional_embedding_type="rotary")).eval()
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
     rotation = model.pos_encoder(x)
     assert torch.equal(rotation[:, 0], x[:, 0])  # angle 0: cos 1, sin 0
@@ -177,7 +176,7 @@ def test_rotary_position_zero_is_doubled():
 
 @pytest.mark.parametrize("pe", ["standard", "rotary_qk"])
 def test_d_mlp_zero_ffn_outputs_exactly_linear2_bias(pe):
-    model = build_model(small_config(positional_embedding_type=pe, d_mlp=0)).train()
+    model = reference_model(small_config(positional_embedding_type=pe, d_mlp=0)).train()
     layer = model.transformer_encoder.layers[0]
     with torch.no_grad():
         layer.linear2.bias.normal_(generator=torch.Generator().manual_seed(5))
@@ -203,7 +202,9 @@ def _scores_from_rotated_qk(model, ids) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["eval_no_grad", "eval_grad", "train"])
 def test_rotary_qk_scores_depend_only_on_relative_position(mode):
-    model = build_model(small_config(positional_embedding_type="rotary_qk", n_heads=2, d_model=16))
+    model = reference_model(
+        small_config(positional_embedding_type="rotary_qk", n_heads=2, d_model=16)
+    )
     model.train(mode == "train")
     # one repeated token: layer 0 sees the same q and k content at every position,
     # so after RoPE its scores can depend on position only through t - s
@@ -221,7 +222,7 @@ def test_rotary_qk_scores_depend_only_on_relative_position(mode):
 
 
 def test_rotary_qk_layer_never_takes_the_fused_fast_path():
-    model = build_model(small_config(positional_embedding_type="rotary_qk")).eval()
+    model = reference_model(small_config(positional_embedding_type="rotary_qk")).eval()
     calls = []
     for layer in model.transformer_encoder.layers:
         assert isinstance(layer, RotaryEncoderLayer)
@@ -233,7 +234,7 @@ def test_rotary_qk_layer_never_takes_the_fused_fast_path():
 
 @pytest.mark.parametrize("pe", ["standard", "rotary_qk"])
 def test_pos_encoder_output_has_a_real_batch_dimension(pe):
-    model = build_model(small_config(positional_embedding_type=pe))
+    model = reference_model(small_config(positional_embedding_type=pe))
     x = torch.randn(3, 5, 32)
     out = model.pos_encoder(x)
     for t in out if isinstance(out, tuple) else (out,):
@@ -243,14 +244,14 @@ def test_pos_encoder_output_has_a_real_batch_dimension(pe):
 
 
 def test_rotary_qk_tables_shape_and_dtype():
-    model = build_model(small_config(positional_embedding_type="rotary_qk", n_heads=2))
+    model = reference_model(small_config(positional_embedding_type="rotary_qk", n_heads=2))
     cos, sin = model.pos_encoder(torch.randn(3, 5, 32))
     assert cos.shape == sin.shape == (3, 5, 8) and cos.dtype == sin.dtype == torch.float32
 
 
 @pytest.mark.parametrize("pe", ["rotary", "rotary_qk"])
 def test_inv_freq_stays_fp32_when_the_model_is_cast(pe):
-    model = build_model(small_config(positional_embedding_type=pe))
+    model = reference_model(small_config(positional_embedding_type=pe))
     before = model.pos_encoder.inv_freq.clone()
     model.to(torch.bfloat16)
     assert model.pos_encoder.inv_freq.dtype == torch.float32
@@ -262,7 +263,7 @@ def test_inv_freq_stays_fp32_when_the_model_is_cast(pe):
 
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 def test_bf16_autocast_is_close_to_fp32(pe):
-    model = build_model(small_config(positional_embedding_type=pe)).eval()
+    model = reference_model(small_config(positional_embedding_type=pe)).eval()
     ids = random_ids(9, 50, 2, 12)
     reference = model(ids).detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -272,7 +273,7 @@ def test_bf16_autocast_is_close_to_fp32(pe):
 
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 def test_deepcopy_and_pickle_keep_the_function(pe):
-    model = build_model(small_config(positional_embedding_type=pe)).eval()
+    model = reference_model(small_config(positional_embedding_type=pe)).eval()
     ids = random_ids(2, 50, 2, 8)
     expected = model(ids)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):

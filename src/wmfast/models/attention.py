@@ -14,15 +14,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from wmfast import functional as WF
+from wmfast.backends import resolve_rotary
 
 
 class QKRotary(nn.Module):
-    """Applies RoPE to (q, k) given the (cos, sin) tables of pos_encoder."""
+    """Applies RoPE to (q, k) given the (cos, sin) tables of pos_encoder.
+
+    ``rotary_impl`` is "torch" on reference models; fast models set it to their
+    rotary option, and the Triton kernel then runs where wmfast.backends picks
+    it. Either way the output is new tensors: a saved input of this module
+    never changes afterwards.
+    """
+
+    rotary_impl = "torch"
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q, k: (B, T, H, D); cos, sin: (B, T, D/2) fp32
+        if resolve_rotary(self.rotary_impl, q.device) == "triton":
+            from wmfast.ops.rotary import rotary_qk
+
+            return rotary_qk(q, k, cos, sin)
         return WF.rotary_qk(q, k, cos, sin)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from wmfast import functional as WF
+from wmfast.backends import resolve_rotary
 
 
 class LearnedPositionalEmbedding(nn.Module):
@@ -66,10 +67,17 @@ class RotaryEmbeddingRotation(_FP32InvFreq):
     Not attention RoPE: pos_encoder(x) is the rotation term, which the model
     adds to x. Angles are recomputed from inv_freq on every call (workingmem
     caches cos/sin per sequence length only, which goes stale after a device
-    move; we do not copy that).
+    move; we do not copy that). ``rotary_impl``: as on QKRotary.
     """
 
+    rotary_impl = "torch"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if resolve_rotary(self.rotary_impl, x.device) == "triton":
+            from wmfast.ops.rotary import embedding_rotation
+
+            cos, sin = WF.rotary_tables(x.shape[1], self.inv_freq)
+            return embedding_rotation(x, cos, sin, add_input=False)
         return WF.embedding_rotation(x, self.inv_freq)
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from wmfast.config import ModelConfig
+from wmfast.interp import trace_active
 from wmfast.models.inputs import check_input_ids
 
 
@@ -39,6 +40,7 @@ class LSTMCore(nn.Module):
 
 class _RecurrentModel(nn.Module):
     core_name: str  # "rnn_core" or "lstm_core"
+    _fast = None  # wmfast.fast.FastRunner on fast models
 
     def __init__(self, config: ModelConfig, make_core) -> None:
         super().__init__()
@@ -54,8 +56,18 @@ class _RecurrentModel(nn.Module):
         setattr(self, self.core_name, make_core(config))
         self.output_layer = nn.Linear(config.d_hidden, d_vocab)
 
+    @property
+    def variant(self) -> str:
+        return "reference" if self._fast is None else "fast"
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_input_ids(input_ids, self.d_vocab, None, self.check_token_ids)
+        if self._fast is not None and not trace_active(self):
+            return self._fast(self, input_ids)
+        return self.forward_modules(input_ids)
+
+    def forward_modules(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The path through every documented submodule (what nnsight traces)."""
         x = self.embedding(input_ids)  # (B, T, d_model)
         h = getattr(self, self.core_name)(x)  # (B, T, d_hidden)
         return self.output_layer(h)  # (B, T, d_vocab)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from wmfast.config import ModelConfig
+from wmfast.interp import trace_active
 from wmfast.models.attention import RotarySelfAttention
 from wmfast.models.inputs import check_input_ids
 from wmfast.models.positional import (
@@ -115,7 +116,13 @@ def xavier_init_(module: nn.Module) -> None:
 
 
 class TransformerModel(nn.Module):
-    """forward(input_ids (B, T) int) -> logits (B, T, d_vocab)."""
+    """forward(input_ids (B, T) int) -> logits (B, T, d_vocab).
+
+    A reference model has ``_fast = None``; a fast model (wmfast.fast) holds a
+    runner there that computes the same function when no nnsight trace is active.
+    """
+
+    _fast = None  # wmfast.fast.FastRunner on fast models
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -158,8 +165,18 @@ class TransformerModel(nn.Module):
         """The sequence-length limit, or None (only learned positions have one)."""
         return self.config.n_ctx if self.positional_embedding_type == "standard" else None
 
+    @property
+    def variant(self) -> str:
+        return "reference" if self._fast is None else "fast"
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_input_ids(input_ids, self.d_vocab, self.n_ctx_limit, self.check_token_ids)
+        if self._fast is not None and not trace_active(self):
+            return self._fast(self, input_ids)
+        return self.forward_modules(input_ids)
+
+    def forward_modules(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The path through every documented submodule (what nnsight traces)."""
         x = self.embedding(input_ids) * math.sqrt(self.d_model)  # (B, T, d)
         kind = self.positional_embedding_type
         if kind in ("standard", "rotary"):

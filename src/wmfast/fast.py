@@ -1,0 +1,242 @@
+"""The fast variant: the reference module tree plus a runner that computes the
+same function faster when no nnsight trace is active.
+
+A fast model IS a reference model (same classes, same ``named_modules()``
+paths, same state_dict keys) with two differences:
+
+* ``model._fast`` holds a ``FastRunner``. The root forward checks its input,
+  then, unless an nnsight trace runs through the model, hands the call to the
+  runner, which runs ``transformer_forward`` (one function of the weights;
+  compiled where wmfast.backends' rules say so). During a trace the root
+  forward takes the module path instead, so every documented submodule is
+  called and ``.output``/``.input``/edits/``.grad`` work as on the reference.
+* Its rotary modules (``pos_encoder`` of "rotary", ``self_attn.rotary`` of
+  "rotary_qk") use the Triton kernels where the rules pick them, also on the
+  traced path.
+
+RNN/LSTM: the recurrence stays on cuDNN (torch.compile does not compile it and
+is slower when forced), so their fast variant runs the module path: same
+speed as the reference, by design.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from wmfast import backends
+from wmfast.attention_backends import CAUSAL_ATTENTION
+from wmfast.models.transformer import TransformerModel
+from wmfast.models.transformer_functional import (
+    _torch_embedding_rotation,
+    _torch_rotary_qk,
+    gather_weights,
+    statics_of,
+    transformer_forward,
+)
+
+logger = logging.getLogger("wmfast")
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastOptions:
+    """How a fast model computes (never what: every choice gives the same function).
+
+    compile:   "auto" (the device rule in wmfast.backends), "always" or "never".
+    mode:      torch.compile mode; "reduce-overhead" uses CUDA graphs (each call
+               then overwrites the previous call's output: clone what you keep).
+    dynamic:   None: torch.compile's default (a second sequence length recompiles
+               once, as dynamic); True: one graph for every sequence length from
+               the start; False: one graph per length.
+    rotary:    "auto", "triton" or "torch" (see wmfast.backends).
+    attention: "auto", "sdpa" or "flash_attn".
+    """
+
+    compile: str = "auto"
+    mode: str | None = None
+    dynamic: bool | None = None
+    rotary: str = "auto"
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("compile", backends.COMPILE_CHOICES),
+            ("mode", COMPILE_MODES),
+            ("dynamic", (None, True, False)),
+            ("rotary", backends.ROTARY_IMPLS),
+            ("attention", backends.ATTENTION_IMPLS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"FastOptions.{name} must be one of {list(allowed)}; got {getattr(self, name)!r}"
+                )
+
+
+class Plan(NamedTuple):
+    """What one call runs: decided by the rules, never by timing."""
+
+    compiled: bool
+    rotary: str
+    attention: str
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _compiled_forward(mode: str | None, dynamic: bool | None) -> Callable:
+    """One compiled transformer_forward per (mode, dynamic) for the whole process:
+    its graphs depend on shapes and constants, not on the model instance."""
+    key = (mode, dynamic)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(transformer_forward, mode=mode, dynamic=dynamic)
+    return _COMPILED[key]
+
+
+def _rotary_functions(impl: str) -> tuple[Callable, Callable]:
+    if impl == "triton":
+        from wmfast.ops import rotary as ops  # imports triton: only when picked
+
+        return ops.rotary_qk, ops.embedding_rotation
+    return _torch_rotary_qk, _torch_embedding_rotation
+
+
+def _compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.embedding.weight.dtype
+
+
+class FastRunner:
+    """The fast variant's untraced forward for one model."""
+
+    def __init__(self, options: FastOptions | None = None) -> None:
+        self.options = options or FastOptions()
+        self._announced: set[tuple] = set()
+
+    # the announcements are per process: a copy or an unpickled model says again
+    # that it compiles, because in a new process it does
+    def __getstate__(self) -> dict:
+        return {"options": self.options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["options"])
+
+    def plan(
+        self, model: nn.Module, device: torch.device | None = None, grad_enabled: bool | None = None
+    ) -> Plan:
+        if not isinstance(model, TransformerModel):
+            return Plan(compiled=False, rotary="torch", attention="cudnn-rnn")
+        device = device or model.embedding.weight.device
+        grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
+        return Plan(
+            compiled=backends.resolve_compile(self.options.compile, device, grad),
+            rotary=backends.resolve_rotary(self.options.rotary, device),
+            attention=backends.resolve_attention(
+                self.options.attention, device, _compute_dtype(model, device)
+            ),
+        )
+
+    def __call__(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(model, TransformerModel):
+            return model.forward_modules(input_ids)  # cuDNN recurrence: see module docstring
+        plan = self.plan(model, input_ids.device)
+        rotate_qk, embed_rotary = _rotary_functions(plan.rotary)
+        args = (gather_weights(model), input_ids, statics_of(model))
+        kwargs = dict(
+            rotate_qk=rotate_qk, embed_rotary=embed_rotary, attend=CAUSAL_ATTENTION[plan.attention]
+        )
+        if not plan.compiled:
+            return transformer_forward(*args, **kwargs)
+        forward = _compiled_forward(self.options.mode, self.options.dynamic)
+        key = (
+            input_ids.device.type,
+            _compute_dtype(model, input_ids.device),
+            model.training,
+            torch.is_grad_enabled(),
+        )
+        if key in self._announced:
+            return forward(*args, **kwargs)
+        self._announced.add(key)
+        logger.warning(
+            "wmfast: first fast call for %s (%s): torch.compile may take 10-60 s now "
+            "(set TORCHINDUCTOR_CACHE_DIR to reuse compiled code across processes)",
+            "training" if torch.is_grad_enabled() else "inference",
+            ", ".join(map(str, key[:2])),
+        )
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        logger.info("wmfast: first fast call took %.1f s", time.perf_counter() - start)
+        return out
+
+
+def is_fast(model: nn.Module) -> bool:
+    return getattr(model, "_fast", None) is not None
+
+
+def _set_rotary_impl(model: nn.Module, impl: str) -> None:
+    for module in model.modules():
+        if hasattr(module, "rotary_impl"):
+            module.rotary_impl = impl
+
+
+def attach_fast(model: nn.Module, options: FastOptions | None = None) -> nn.Module:
+    """Turn ``model`` itself into its fast variant (no copy); returns it."""
+    options = options or FastOptions()
+    model._fast = FastRunner(options)
+    _set_rotary_impl(model, options.rotary)
+    return model
+
+
+def make_fast(
+    model: nn.Module, options: FastOptions | None = None, **option_fields: Any
+) -> nn.Module:
+    """A fast model sharing ``model``'s parameters and buffers.
+
+    Nothing is copied: a training step on one changes the other. ``model``
+    itself stays as it was (a reference model stays the reference).
+    ``option_fields`` are FastOptions fields, e.g. ``make_fast(m, mode="reduce-overhead")``.
+    """
+    if options is not None and option_fields:
+        raise ValueError("pass either options=FastOptions(...) or its fields, not both")
+    options = options or FastOptions(**option_fields)
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    fast = copy.deepcopy(model, memo=shared)
+    return attach_fast(fast, options)
+
+
+def make_reference(model: nn.Module) -> nn.Module:
+    """The reference variant of a (fast) model, sharing its parameters and buffers."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    reference = copy.deepcopy(model, memo=shared)
+    reference._fast = None
+    _set_rotary_impl(reference, "torch")
+    return reference
+
+
+def describe(model: nn.Module, device: torch.device | str | None = None) -> dict[str, Any]:
+    """What a model runs, per path: the report behind the log line and ``wmfast check``."""
+    if not is_fast(model):
+        return {"variant": "reference"}
+    runner: FastRunner = model._fast
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    training = runner.plan(model, device, grad_enabled=True)
+    inference = runner.plan(model, device, grad_enabled=False)
+    return {
+        "variant": "fast",
+        "device": str(device),
+        "options": dataclasses.asdict(runner.options),
+        "compiled_with_grad": training.compiled,
+        "compiled_no_grad": inference.compiled,
+        "rotary": inference.rotary,
+        "attention": inference.attention,
+    }

@@ -1,0 +1,116 @@
+"""Everything nnsight: the one module that touches its internals.
+
+* ``trace_active(module)``: whether an nnsight trace is running through this
+  module now. Fast models ask it on every call to choose between their
+  compiled path (untraced) and their eager, every-submodule-called path
+  (traced). It reads the state nnsight 0.8 installs on each wrapped module and
+  never imports nnsight, so it costs a dict lookup on a model nnsight never saw.
+* ``NNsight``: ``nnsight.NNsight`` plus batching of several invokes that each
+  take a (B, T) token-id tensor, so clean and ablated runs share one trace.
+  This replaces the guide's ``LanguageModel(model.model)``, which fails on
+  these models (they have no tokenizer).
+
+nnsight is imported only when ``NNsight`` is first used (``import nnsight``
+takes seconds and patches objects process-wide). Tested against nnsight
+``SUPPORTED_NNSIGHT``; the state layout read by ``trace_active`` is pinned to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+SUPPORTED_NNSIGHT = (">=0.8", "<0.9")
+
+# nnsight 0.8 keeps per-module state at module.__dict__["__nnsight__"]
+# (nnsight.intervention.source.STATE): a State whose ``routes`` hold
+# (weakref to Interleaver, path, locations); an Interleaver's ``interleaving``
+# is True while a trace runs through it.
+_NNSIGHT_STATE = "__nnsight__"
+
+
+def trace_active(module: torch.nn.Module) -> bool:
+    """True while an nnsight trace is running through ``module``."""
+    state = module.__dict__.get(_NNSIGHT_STATE)
+    if state is None:
+        return False
+    for route in state.routes:
+        interleaver = route[0]()
+        if interleaver is not None and interleaver.interleaving:
+            return True
+    return False
+
+
+def _check_nnsight_version(version: str) -> None:
+    major_minor = tuple(int(p) for p in version.split(".")[:2])
+    if not (0, 8) <= major_minor < (0, 9):
+        raise ImportError(
+            f"wmfast.interp supports nnsight {','.join(SUPPORTED_NNSIGHT)}; found {version}. "
+            f"pip install 'wmfast[interp]' installs a supported version."
+        )
+
+
+def _make_nnsight_class() -> type:
+    try:
+        import nnsight
+    except ImportError as exc:
+        raise ImportError(
+            "wmfast.interp.NNsight needs nnsight: pip install 'wmfast[interp]'"
+        ) from exc
+    _check_nnsight_version(nnsight.__version__)
+
+    class NNsight(nnsight.NNsight):
+        """nnsight.NNsight for wmfast models: invokes that each take token ids batch.
+
+        Each invoke's input is a (B_i, T) token-id tensor; the invokes are
+        concatenated along the batch for one forward, and each invoke sees (and
+        edits) only its own rows::
+
+            model = wmfast.interp.NNsight(fast_model)
+            with model.trace() as tracer:
+                with tracer.invoke(clean_ids):
+                    clean = model.output.save()
+                with tracer.invoke(clean_ids):
+                    model.pos_encoder.output[:] = 0
+                    ablated = model.output.save()
+        """
+
+        def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+            ids = inputs[0] if inputs else kwargs.get("input_ids")
+            if ids is None:
+                return 0
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+                raise ValueError(
+                    "each invoke takes a (batch, seq_len) tensor of token ids; got "
+                    f"{type(ids).__name__} {tuple(getattr(ids, 'shape', ()))}"
+                )
+            return ids.shape[0]
+
+        def _batch(self, invokes: list[tuple], fn: Any) -> tuple:
+            if not invokes:
+                return (), {}
+            if len(invokes) == 1:
+                return invokes[0]
+            ids = [args[0] if args else kwargs["input_ids"] for args, kwargs in invokes]
+            lengths = sorted({t.shape[1] for t in ids})
+            if len(lengths) > 1:
+                raise ValueError(
+                    f"invokes batched into one forward must share a sequence length; got "
+                    f"{lengths} (these models take no padding mask: trace them separately)"
+                )
+            return (torch.cat(ids, dim=0),), {}
+
+    NNsight.__module__ = __name__
+    return NNsight
+
+
+_cached: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NNsight":
+        if name not in _cached:
+            _cached[name] = _make_nnsight_class()
+        return _cached[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

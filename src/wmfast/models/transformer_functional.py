@@ -1,0 +1,169 @@
+"""The Transformer's forward as one function of its weights.
+
+This is what the fast variant runs (compiled where the rules in
+wmfast.backends say so) when no nnsight trace is active. It computes exactly
+what TransformerModel's module path computes (tests hold the two to the spec's
+tolerances), but calls no submodule: torch.compile then sees plain tensor
+code, and the graph depends only on shapes and the constants in ``Statics``,
+not on which model instance passed its weights in, so one compiled graph
+serves every model of the same shape in a process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from wmfast import functional as WF
+
+
+class LayerWeights(NamedTuple):
+    in_proj_weight: torch.Tensor
+    in_proj_bias: torch.Tensor
+    out_proj_weight: torch.Tensor
+    out_proj_bias: torch.Tensor
+    linear1_weight: torch.Tensor
+    linear1_bias: torch.Tensor
+    linear2_weight: torch.Tensor
+    linear2_bias: torch.Tensor
+    norm1_weight: torch.Tensor
+    norm1_bias: torch.Tensor
+    norm2_weight: torch.Tensor
+    norm2_bias: torch.Tensor
+
+
+class TransformerWeights(NamedTuple):
+    embedding: torch.Tensor
+    positional: torch.Tensor | None  # pos_embedding.weight ("standard") or inv_freq (rotary types)
+    layers: tuple[LayerWeights, ...]
+    output_weight: torch.Tensor
+    output_bias: torch.Tensor
+
+
+class Statics(NamedTuple):
+    """Everything besides tensors that the forward depends on (plain constants)."""
+
+    d_model: int
+    n_heads: int
+    positional: str | None
+    act_fn: str
+    dropout: float
+    eps: float
+    training: bool
+
+
+def gather_weights(model) -> TransformerWeights:
+    """The model's current tensors, read fresh on every call (never cached: a
+    load_state_dict or an assignment of a new Parameter must take effect)."""
+    pos = model.pos_encoder
+    kind = model.positional_embedding_type
+    positional = (
+        pos.pos_embedding.weight
+        if kind == "standard"
+        else (pos.inv_freq if pos is not None else None)
+    )
+    layers = tuple(
+        LayerWeights(
+            layer.self_attn.in_proj_weight,
+            layer.self_attn.in_proj_bias,
+            layer.self_attn.out_proj.weight,
+            layer.self_attn.out_proj.bias,
+            layer.linear1.weight,
+            layer.linear1.bias,
+            layer.linear2.weight,
+            layer.linear2.bias,
+            layer.norm1.weight,
+            layer.norm1.bias,
+            layer.norm2.weight,
+            layer.norm2.bias,
+        )
+        for layer in model.transformer_encoder.layers
+    )
+    return TransformerWeights(
+        model.embedding.weight,
+        positional,
+        layers,
+        model.output_layer.weight,
+        model.output_layer.bias,
+    )
+
+
+def statics_of(model) -> Statics:
+    first = model.transformer_encoder.layers[0]
+    return Statics(
+        d_model=model.d_model,
+        n_heads=first.self_attn.num_heads,
+        positional=model.positional_embedding_type,
+        act_fn=model.config.act_fn,
+        dropout=float(first.dropout.p),
+        eps=float(first.norm1.eps),
+        training=model.training,
+    )
+
+
+RotateQK = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+EmbedRotary = Callable[..., torch.Tensor]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _torch_embedding_rotation(emb, cos, sin, scale):
+    """The reference's steps: scale, then x + rotation(x)."""
+    x = emb * scale
+    return x + WF.rotate_pairs(x, cos, sin)
+
+
+def _torch_rotary_qk(q, k, cos, sin):
+    return WF.rotary_qk(q, k, cos, sin)
+
+
+def _add_norm(x, y, weight, bias, eps):
+    return F.layer_norm(x + y, (x.shape[-1],), weight, bias, eps)
+
+
+def transformer_forward(
+    weights: TransformerWeights,
+    input_ids: torch.Tensor,
+    statics: Statics,
+    rotate_qk: RotateQK = _torch_rotary_qk,
+    embed_rotary: EmbedRotary = _torch_embedding_rotation,
+    attend: Attend | None = None,
+) -> torch.Tensor:
+    """logits (B, T, d_vocab) for input_ids (B, T); see TransformerModel.forward."""
+    from wmfast.attention_backends import sdpa_causal
+
+    attend = attend or sdpa_causal
+    d_model, heads = statics.d_model, statics.n_heads
+    batch, seq_len = input_ids.shape
+    scale = math.sqrt(d_model)
+    emb = F.embedding(input_ids, weights.embedding)  # (B, T, d)
+
+    rope = None
+    if statics.positional == "standard":
+        x = emb * scale + weights.positional[:seq_len]  # rows 0..T-1, broadcast over B
+    elif statics.positional == "rotary":
+        cos, sin = WF.rotary_tables(seq_len, weights.positional)  # (T, d/2)
+        x = embed_rotary(emb, cos, sin, scale)
+    else:
+        x = emb * scale
+        if statics.positional == "rotary_qk":
+            rope = WF.rotary_tables(seq_len, weights.positional)  # (T, head_dim/2) each
+
+    act = F.relu if statics.act_fn == "relu" else F.gelu
+    p, train = statics.dropout, statics.training
+    for w in weights.layers:
+        qkv = F.linear(x, w.in_proj_weight, w.in_proj_bias).view(batch, seq_len, 3, heads, -1)
+        q, k, v = qkv.unbind(2)  # (B, T, H, D) views
+        if rope is not None:
+            q, k = rotate_qk(q, k, *rope)
+        attn = attend(q, k, v, p if train else 0.0).reshape(batch, seq_len, d_model)
+        sa = F.linear(attn, w.out_proj_weight, w.out_proj_bias)
+        # post-LN, as nn.TransformerEncoderLayer(norm_first=False)
+        x = _add_norm(x, F.dropout(sa, p, train), w.norm1_weight, w.norm1_bias, statics.eps)
+        hidden = F.dropout(act(F.linear(x, w.linear1_weight, w.linear1_bias)), p, train)
+        ff = F.linear(hidden, w.linear2_weight, w.linear2_bias)
+        x = _add_norm(x, F.dropout(ff, p, train), w.norm2_weight, w.norm2_bias, statics.eps)
+    return F.linear(x, weights.output_weight, weights.output_bias)
