@@ -1,0 +1,433 @@
+"""The fast variant computes what the reference computes: logits and every
+parameter gradient, on drawn configs and inputs, in every mode; and it keeps
+the reference's module tree, checkpoints and behaviour under casts and copies.
+
+Paths and what pays for them on CPU:
+* grad enabled -> the uncompiled functional path (cheap: hypothesis draws configs);
+* no grad      -> the compiled path (a compile per config: a few fixed configs,
+                  hypothesis draws the token ids);
+* rotary="triton" -> the Triton kernels, under the interpreter on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import pickle
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+from wmfast import build_model
+from wmfast import fast as wf
+from wmfast.fast import FastOptions, describe, make_fast, make_reference
+
+from .helpers import (
+    AUTOCAST_LOGITS,
+    FP32_GRADS,
+    FP32_LOGITS,
+    POSITIONAL_TYPES,
+    random_ids,
+    small_config,
+)
+
+# -- drawn configs --------------------------------------------------------------------
+
+
+@st.composite
+def model_configs(draw, transformer_only=False):
+    cls = (
+        "transformer"
+        if transformer_only
+        else draw(st.sampled_from(["transformer"] * 4 + ["rnn", "lstm"]))
+    )
+    if cls != "transformer":
+        return small_config(
+            model_class=cls,
+            act_fn=draw(st.sampled_from(["relu", "tanh"])) if cls == "rnn" else "relu",
+            n_layers=draw(st.integers(1, 3)),
+            d_model=draw(st.integers(1, 24)),
+            d_hidden=draw(st.integers(1, 24)),
+            d_vocab=draw(st.integers(2, 60)),
+            seed=draw(st.integers(0, 2**16)),
+        )
+    pe = draw(st.sampled_from(POSITIONAL_TYPES))
+    heads = draw(st.integers(1, 4))
+    # head dims: odd ones (not for rotary_qk, which pairs features) and non-powers of two
+    head_dim = draw(
+        st.sampled_from([2, 4, 6, 10, 12] if pe == "rotary_qk" else [1, 3, 4, 5, 6, 12])
+    )
+    d_model = heads * head_dim
+    if pe == "rotary" and d_model % 2:
+        d_model, heads = 2 * d_model, 2 * heads
+    return small_config(
+        positional_embedding_type=pe,
+        n_heads=heads,
+        d_model=d_model,
+        n_layers=draw(st.integers(1, 3)),
+        d_mlp=draw(st.sampled_from([0, 7, 32])),
+        act_fn=draw(st.sampled_from(["relu", "gelu"])),
+        d_vocab=draw(st.integers(2, 60)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+shapes = st.tuples(st.integers(1, 3), st.sampled_from([1, 2, 5, 9, 16]))
+
+
+def _pair(config, **options):
+    reference = build_model(config, variant="reference")
+    return reference, make_fast(reference, **options)
+
+
+def _grads(model, logits, weight):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad((logits * weight).sum(), params, allow_unused=True)
+
+
+def assert_same_function(reference, fast, ids, *, train=False, check_grads=True):
+    """Logits and every parameter gradient of ``fast`` match ``reference``."""
+    reference.train(train)
+    fast.train(train)
+    want = reference(ids)
+    got = fast(ids)
+    torch.testing.assert_close(got, want, **FP32_LOGITS)
+    if not check_grads:
+        return
+    weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(7))
+    names = [n for n, p in reference.named_parameters() if p.requires_grad]
+    for name, g_ref, g_fast in zip(
+        names, _grads(reference, want, weight), _grads(fast, got, weight), strict=True
+    ):
+        if g_ref is None or g_fast is None:
+            assert g_ref is None and g_fast is None, name
+            continue
+        torch.testing.assert_close(g_fast, g_ref, **FP32_GRADS, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# -- the uncompiled path (grad enabled on CPU) ------------------------------------------
+
+
+@given(model_configs(), shapes, st.integers(0, 2**31 - 1))
+def test_fast_equals_reference_eval_with_grad(config, shape, seed):
+    reference, fast = _pair(config)
+    assert_same_function(reference, fast, random_ids(seed, config.d_vocab, *shape))
+
+
+@given(model_configs(), shapes, st.integers(0, 2**31 - 1))
+def test_fast_equals_reference_train_without_dropout(config, shape, seed):
+    reference, fast = _pair(config.replace(dropout=0.0))
+    assert_same_function(reference, fast, random_ids(seed, config.d_vocab, *shape), train=True)
+
+
+@given(model_configs(transformer_only=True), shapes, st.integers(0, 2**31 - 1))
+def test_fast_equals_reference_under_no_grad_uncompiled(config, shape, seed):
+    # the reference takes PyTorch's fused encoder path here; compile="never" keeps
+    # the fast model on its functional path without paying a compile per draw
+    reference, fast = _pair(config, compile="never")
+    ids = random_ids(seed, config.d_vocab, *shape)
+    reference.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+
+
+# -- the kernel path: Triton rotary kernels inside the model ---------------------------
+
+
+@pytest.mark.triton
+@given(
+    st.sampled_from(["rotary", "rotary_qk"]),
+    st.sampled_from([(2, 4), (4, 2), (3, 6)]),  # (heads, head_dim): non-power-of-two dims too
+    st.integers(0, 2**31 - 1),
+)
+def test_fast_with_triton_rotary_equals_reference(pe, heads_dim, seed):
+    heads, head_dim = heads_dim
+    config = small_config(
+        positional_embedding_type=pe,
+        n_heads=heads,
+        d_model=heads * head_dim,
+        n_layers=1,
+        seed=seed % 1000,
+    )
+    reference, fast = _pair(config, rotary="triton", compile="never")
+    assert describe(fast)["rotary"] == "triton"
+    assert_same_function(reference, fast, random_ids(seed, config.d_vocab, 2, 5))
+    with torch.no_grad():  # traced path too: the module kernels (inference)
+        fast.eval(), reference.eval()
+        torch.testing.assert_close(
+            fast.forward_modules(random_ids(seed, 50, 2, 5)),
+            reference(random_ids(seed, 50, 2, 5)),
+            **FP32_LOGITS,
+        )
+
+
+# -- the compiled path: fixed configs, drawn inputs ----------------------------------
+
+COMPILED_CONFIGS = {
+    f"transformer-{pe}": small_config(positional_embedding_type=pe) for pe in POSITIONAL_TYPES
+}
+COMPILED_CONFIGS["rnn"] = small_config(model_class="rnn", act_fn="tanh")
+COMPILED_CONFIGS["lstm"] = small_config(model_class="lstm")
+
+
+@pytest.fixture(scope="module")
+def compiled_pairs():
+    """One reference/fast pair per config for the whole module: one compile each."""
+    return {name: _pair(config) for name, config in COMPILED_CONFIGS.items()}
+
+
+@pytest.mark.parametrize("name", list(COMPILED_CONFIGS))
+@given(seed=st.integers(0, 2**31 - 1))
+def test_compiled_fast_equals_reference_no_grad(compiled_pairs, name, seed):
+    reference, fast = compiled_pairs[name]
+    reference.eval(), fast.eval()
+    ids = random_ids(seed, 50, 2, 9)  # one shape: one graph per config
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+    if name.startswith("transformer"):
+        assert describe(fast)["compiled_no_grad"] is True
+
+
+def test_compile_always_trains_like_the_reference(compiled_pairs):
+    # the CPU rule does not compile the training step; "always" does: same function
+    config = small_config(positional_embedding_type="rotary_qk", dropout=0.0)
+    reference, fast = _pair(config, compile="always")
+    assert_same_function(reference, fast, random_ids(3, 50, 2, 9), train=True)
+
+
+def test_dynamic_option_serves_every_length_with_one_graph():
+    reference, fast = _pair(small_config(positional_embedding_type="rotary"), dynamic=True)
+    reference.eval(), fast.eval()
+    with torch.no_grad():
+        fast(random_ids(0, 50, 2, 5))
+        graphs = counters["stats"]["unique_graphs"]
+        for seq_len in (7, 12, 19):
+            ids = random_ids(seq_len, 50, 2, seq_len)
+            torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+# -- same module tree, shared parameters, checkpoints -----------------------------------
+
+
+@pytest.mark.parametrize("name", list(COMPILED_CONFIGS))
+def test_same_module_paths_and_state_dict_keys(name):
+    reference, fast = _pair(COMPILED_CONFIGS[name])
+    assert [n for n, _ in fast.named_modules()] == [n for n, _ in reference.named_modules()]
+    assert [type(m) for _, m in fast.named_modules()] == [
+        type(m) for _, m in reference.named_modules()
+    ]
+    assert list(fast.state_dict()) == list(reference.state_dict())
+
+
+def test_make_fast_shares_parameters_and_buffers():
+    reference, fast = _pair(small_config(positional_embedding_type="rotary"))
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters(), strict=True):
+        assert p is q, name
+    assert fast.pos_encoder.inv_freq is reference.pos_encoder.inv_freq
+    assert reference.variant == "reference" and fast.variant == "fast"
+    with torch.no_grad():
+        fast.output_layer.bias.add_(1.0)  # a step on one is a step on the other
+    assert torch.equal(reference.output_layer.bias, fast.output_layer.bias)
+    back = make_reference(fast)
+    assert back.variant == "reference" and back.embedding.weight is fast.embedding.weight
+
+
+@pytest.mark.parametrize("direction", ["fast_to_reference", "reference_to_fast"])
+def test_checkpoints_load_strictly_both_ways(tmp_path, direction):
+    from wmfast import load_model, save_run
+
+    config = small_config(positional_embedding_type="rotary_qk")
+    source_variant, target_variant = direction.split("_to_")
+    source = build_model(config, variant=source_variant)
+    save_run(tmp_path, source, config)
+    target = load_model(tmp_path, variant=target_variant)
+    assert target.variant == target_variant
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+# -- casts, autocast, copies ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+def test_fast_after_cast_to_bf16_keeps_fp32_angles(pe):
+    reference, fast = _pair(small_config(positional_embedding_type=pe))
+    fast.to(torch.bfloat16)  # shared tensors: the reference is cast too
+    if pe in ("rotary", "rotary_qk"):
+        assert fast.pos_encoder.inv_freq.dtype == torch.float32
+    ids = random_ids(4, 50, 2, 7)
+    out = fast(ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(ids).float(), **AUTOCAST_LOGITS)
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+def test_fast_under_bf16_autocast_is_close_to_fp32_reference(pe):
+    reference, fast = _pair(small_config(positional_embedding_type=pe))
+    ids = random_ids(5, 50, 2, 7)
+    want = reference(ids).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast(ids)
+    torch.testing.assert_close(got.float(), want, **AUTOCAST_LOGITS)
+    got.float().sum().backward()  # and it trains under autocast
+    assert fast.embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
+def test_fast_survives_deepcopy_and_pickle(clone, caplog):
+    reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"))
+    copied = copy.deepcopy(fast) if clone == "deepcopy" else pickle.loads(pickle.dumps(fast))
+    assert copied.variant == "fast" and copied._fast.options == fast._fast.options
+    assert copied.embedding.weight is not fast.embedding.weight  # a real copy
+    ids = random_ids(6, 50, 2, 9)
+    reference.eval(), copied.eval()
+    with caplog.at_level(logging.WARNING, logger="wmfast"), torch.no_grad():
+        torch.testing.assert_close(copied(ids), reference(ids), **FP32_LOGITS)
+    assert "torch.compile may take" in caplog.text  # it says it (re)compiles
+
+
+# -- dropout, determinism -------------------------------------------------------------
+
+
+def test_dropout_in_train_mode_keeps_the_references_distribution():
+    """Compiled and eager dropout draw different random streams, so train-mode
+    outputs with dropout > 0 cannot match bitwise. The contract instead: over
+    many draws, fast and reference train-mode logits have the same mean and
+    spread (within 5 standard errors), and both differ from eval mode."""
+    config = small_config(positional_embedding_type="standard", dropout=0.3, d_model=16, n_heads=2)
+    reference, fast = _pair(config)
+    reference.train(), fast.train()
+    ids = random_ids(8, 50, 1, 6)
+    n = 300
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ref_draws = torch.stack([reference(ids) for _ in range(n)])
+        fast_draws = torch.stack([fast(ids) for _ in range(n)])
+        eval_logits = reference.eval()(ids)
+    std_err = (ref_draws.var(0) / n + fast_draws.var(0) / n).sqrt()
+    assert (
+        (ref_draws.mean(0) - fast_draws.mean(0)).abs() <= 5 * std_err + 1e-6
+    ).float().mean() > 0.99
+    ratio = fast_draws.std(0).mean() / ref_draws.std(0).mean()
+    assert 0.9 < ratio < 1.1, ratio
+    assert (fast_draws - eval_logits).abs().amax(0).mean() > 0.1  # dropout is active
+
+
+def test_cpu_training_reruns_are_bitwise_reproducible():
+    def run():
+        torch.manual_seed(11)
+        model = build_model(small_config(positional_embedding_type="rotary_qk", dropout=0.1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for step in range(3):
+            loss = model.train()(random_ids(step, 50, 2, 9)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(), run(), strict=True):
+        assert torch.equal(a, b)
+
+
+# -- options and rules ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("compile", "sometimes"), ("mode", "fastest"), ("rotary", "cuda"), ("attention", "xformers")],
+)
+def test_bad_fast_options_are_clear_errors(field, value):
+    with pytest.raises(ValueError, match=f"FastOptions.{field} must be one of"):
+        FastOptions(**{field: value})
+
+
+def test_missing_triton_or_flash_attn_is_a_clear_error_not_a_fallback(monkeypatch):
+    from wmfast import backends
+
+    monkeypatch.setattr(backends, "triton_installed", lambda: False)
+    monkeypatch.setattr(backends, "flash_attn_installed", lambda: False)
+    fast = build_model(
+        small_config(positional_embedding_type="rotary_qk"),
+        fast_options=FastOptions(rotary="triton"),
+    )
+    with pytest.raises(ImportError, match="pip install 'wmfast\\[triton\\]'"):
+        fast(random_ids(0, 50, 1, 4))
+    fast = build_model(small_config(), fast_options=FastOptions(attention="flash_attn"))
+    with pytest.raises(ImportError, match="flash-attn"):
+        fast(random_ids(0, 50, 1, 4))
+    assert backends.resolve_rotary("auto", torch.device("cuda")) == "torch"  # auto: documented rule
+
+
+def test_device_rules():
+    from wmfast.backends import resolve_attention, resolve_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cpu, grad_enabled=False) is True
+    assert resolve_compile("auto", cpu, grad_enabled=True) is False
+    assert resolve_compile("auto", cuda, grad_enabled=True) is True
+    assert resolve_compile("never", cuda, grad_enabled=False) is False
+    assert resolve_attention("auto", cpu, torch.bfloat16) == "sdpa"
+    assert resolve_attention("auto", cuda, torch.float32) == "sdpa"
+
+
+def test_flash_attn_adapter_glue_matches_sdpa(monkeypatch):
+    """The adapter's layout and arguments, checked with a stand-in flash_attn_func
+    built on SDPA: (B, T, H, D) in and out, causal, dropout passed through."""
+    import sys
+    import types
+
+    from wmfast import backends
+
+    calls = []
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, causal=False):
+        calls.append((tuple(q.shape), dropout_p, causal))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            dropout_p=dropout_p,
+            is_causal=causal,
+        )
+        return out.transpose(1, 2)
+
+    monkeypatch.setitem(
+        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func)
+    )
+    monkeypatch.setattr(backends, "flash_attn_installed", lambda: True)
+    reference, fast = _pair(
+        small_config(positional_embedding_type="rotary_qk", n_heads=2), attention="flash_attn"
+    )
+    assert_same_function(reference, fast, random_ids(2, 50, 3, 6))
+    assert calls and calls[0] == ((3, 6, 2, 16), 0.0, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not wf.backends.flash_attn_installed(), reason="flash-attn not installed")
+def test_real_flash_attn_matches_reference_under_autocast():
+    reference, fast = _pair(
+        small_config(positional_embedding_type="rotary_qk"), attention="flash_attn"
+    )
+    reference.cuda(), fast.cuda()
+    ids = random_ids(0, 50, 2, 16).cuda()
+    want = reference(ids).detach()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = fast(ids)
+    torch.testing.assert_close(got.float(), want, **AUTOCAST_LOGITS)
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_option_matches_reference():
+    reference, fast = _pair(
+        small_config(positional_embedding_type="rotary_qk"), mode="reduce-overhead"
+    )
+    reference.cuda().eval(), fast.eval()
+    ids = random_ids(0, 50, 2, 16).cuda()
+    with torch.no_grad():
+        for _ in range(3):  # warm-up runs, then graph replays
+            got = fast(ids).clone()
+        torch.testing.assert_close(got, reference(ids), **FP32_LOGITS)

@@ -1,0 +1,346 @@
+"""nnsight on fast models: every module path the reference reaches is reachable
+on the fast model, saves the same activation, takes the same ablation to the
+same logits, and gives the same gradients; traces compile nothing and the
+compiled path is still used after them; the guide's examples run.
+
+nnsight reads the body of each ``with model.trace()`` block from its source
+file, so the traces are written out here, not built dynamically.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+from wmfast import build_model
+from wmfast.fast import make_fast
+from wmfast.interp import trace_active
+
+from .helpers import FP32_GRADS, FP32_LOGITS, POSITIONAL_TYPES, random_ids, small_config
+
+pytestmark = pytest.mark.nnsight
+
+
+@pytest.fixture(scope="module")
+def NNsight():
+    from wmfast.interp import NNsight
+
+    return NNsight
+
+
+def _configs():
+    transformer = st.builds(
+        lambda pe, heads, d_mlp, layers, seed: small_config(
+            positional_embedding_type=pe,
+            n_heads=heads,
+            d_model=heads * 6,
+            d_mlp=d_mlp,
+            n_layers=layers,
+            seed=seed,
+        ),
+        st.sampled_from(POSITIONAL_TYPES),
+        st.sampled_from([1, 2, 3]),
+        st.sampled_from([0, 16]),
+        st.integers(1, 2),
+        st.integers(0, 1000),
+    )
+    recurrent = st.builds(
+        lambda cls, seed: small_config(
+            model_class=cls, act_fn="tanh" if cls == "rnn" else "relu", seed=seed
+        ),
+        st.sampled_from(["rnn", "lstm"]),
+        st.integers(0, 1000),
+    )
+    return st.one_of(transformer, transformer, recurrent)
+
+
+def reached_paths(model, ids) -> list[str]:
+    """Module paths the model calls in a forward with grad enabled, in call order."""
+    order, handles = [], []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(lambda m, a, o, n=name: order.append(n)))
+    try:
+        model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
+
+
+def envoy_at(root, path: str):
+    envoy = root
+    for part in path.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
+
+
+def first_tensor(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def save_output(nm, path, ids):
+    with nm.trace(ids):
+        saved = envoy_at(nm, path).output.save()
+        logits = nm.output.save()
+    return saved, logits
+
+
+def ablate(nm, path, ids):
+    with nm.trace(ids):
+        out = envoy_at(nm, path).output
+        target = out[0] if isinstance(out, tuple) else out
+        target[:] = 0
+        logits = nm.output.save()
+    return logits
+
+
+def grad_at(nm, path, ids):
+    with nm.trace(ids):
+        out = envoy_at(nm, path).output
+        target = out[0] if isinstance(out, tuple) else out
+        logits = nm.output
+        with logits.sum().backward():
+            grad = target.grad.save()
+    return grad
+
+
+def _assert_same(got, want):
+    if isinstance(want, tuple):
+        for g, w in zip(got, want, strict=True):
+            _assert_same(g, w)
+    elif isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, **FP32_LOGITS)
+    else:
+        assert got == want
+
+
+@given(_configs(), st.integers(0, 2**31 - 1))
+def test_every_reference_path_traces_the_same_on_the_fast_model(NNsight, config, seed):
+    reference = build_model(config, variant="reference")
+    fast = make_fast(reference)
+    ids = random_ids(seed, config.d_vocab, 2, 5)
+    paths = reached_paths(reference, ids)
+    nm_ref, nm_fast = NNsight(reference), NNsight(fast)
+    for path in paths:
+        want, want_logits = save_output(nm_ref, path, ids)
+        got, got_logits = save_output(nm_fast, path, ids)
+        _assert_same(got, want)
+        torch.testing.assert_close(got_logits, want_logits, **FP32_LOGITS)
+        ablated_want = ablate(nm_ref, path, ids)
+        ablated_got = ablate(nm_fast, path, ids)
+        torch.testing.assert_close(ablated_got, ablated_want, **FP32_LOGITS)
+        if path in ("embedding", "transformer_encoder", "rnn_core", "lstm_core"):
+            # the edit really happened (both models ignoring it would also "agree")
+            assert (ablated_got - got_logits).abs().max() > 1e-4, path
+    assert len(paths) == _expected_path_count(config)
+
+
+def _expected_path_count(config) -> int:
+    """embedding, transformer_encoder and output_layer, plus what each positional
+    type calls, plus per layer: the layer, self_attn, dropout1, norm1, linear1,
+    dropout, linear2, dropout2 and norm2 (nn.MultiheadAttention never calls its
+    out_proj module; the rotary_qk attention calls out_proj and rotary too)."""
+    if config.model_class != "transformer":
+        return 4  # embedding, *_core, *_core.rnn/lstm, output_layer
+    pe = config.positional_embedding_type
+    pos = {"standard": 2, "rotary": 1, None: 0, "rotary_qk": 1}[pe]
+    per_layer = 11 if pe == "rotary_qk" else 9
+    return 3 + pos + per_layer * config.n_layers
+
+
+@given(_configs(), st.integers(0, 2**31 - 1))
+def test_gradients_saved_through_nnsight_match(NNsight, config, seed):
+    reference = build_model(config, variant="reference")
+    fast = make_fast(reference)
+    ids = random_ids(seed, config.d_vocab, 2, 5)
+    nm_ref, nm_fast = NNsight(reference), NNsight(fast)
+    paths = ["embedding"]
+    paths += (
+        ["transformer_encoder.layers.0", "transformer_encoder"]
+        if config.model_class == "transformer"
+        else []
+    )
+    paths += {"rnn": ["rnn_core"], "lstm": ["lstm_core"]}.get(config.model_class, [])
+    for path in paths:
+        torch.testing.assert_close(
+            grad_at(nm_fast, path, ids), grad_at(nm_ref, path, ids), **FP32_GRADS
+        )
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+def test_the_fast_model_reaches_every_path_the_reference_reaches(pe):
+    reference = build_model(small_config(positional_embedding_type=pe), variant="reference")
+    fast = make_fast(reference)
+    ids = random_ids(0, 50, 2, 5)
+    expected = reached_paths(reference, ids)
+    # the module path is what a trace runs; it calls the same submodules in the same order
+    order, handles = [], []
+    for name, module in fast.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(lambda m, a, o, n=name: order.append(n)))
+    fast.forward_modules(ids)
+    for handle in handles:
+        handle.remove()
+    assert list(dict.fromkeys(order)) == expected
+    if pe == "rotary_qk":
+        assert "transformer_encoder.layers.1.self_attn.rotary" in expected
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+def test_under_no_grad_layer_outputs_match(NNsight, pe):
+    """Under no_grad PyTorch's fused encoder path skips the reference layers'
+    submodules (and so the fast model's on its traced path): compare layers."""
+    reference = build_model(small_config(positional_embedding_type=pe), variant="reference").eval()
+    fast = make_fast(reference)
+    ids = random_ids(1, 50, 2, 6)
+    nm_ref, nm_fast = NNsight(reference), NNsight(fast)
+    with torch.no_grad():
+        with nm_ref.trace(ids):
+            want0 = nm_ref.transformer_encoder.layers[0].output.save()
+            want1 = nm_ref.transformer_encoder.layers[1].output.save()
+        with nm_fast.trace(ids):
+            got0 = nm_fast.transformer_encoder.layers[0].output.save()
+            got1 = nm_fast.transformer_encoder.layers[1].output.save()
+    torch.testing.assert_close(got0, want0, **FP32_LOGITS)
+    torch.testing.assert_close(got1, want1, **FP32_LOGITS)
+
+
+def test_trace_active_tracks_nnsight(NNsight):
+    model = build_model(small_config(), variant="reference")
+    seen = []
+    model.transformer_encoder.register_forward_hook(
+        lambda m, a, o: seen.append(trace_active(model))
+    )
+    nm = NNsight(model)
+    model(random_ids(0, 50, 1, 3))
+    with nm.trace(random_ids(0, 50, 1, 3)):
+        out = nm.output.save()
+    model(random_ids(0, 50, 1, 3))
+    assert seen == [False, True, False]
+    assert out.shape == (1, 3, 50)
+    assert not trace_active(build_model(small_config()))  # a model nnsight never saw
+
+
+def test_traces_compile_nothing_and_compiled_code_is_used_after(NNsight, monkeypatch):
+    import wmfast.fast as wf
+
+    fast = build_model(small_config(positional_embedding_type="rotary_qk")).eval()
+    ids = random_ids(2, 50, 2, 7)
+    with torch.no_grad():
+        fast(ids)  # compile once, untraced
+    compiled_calls = []
+    for key, fn in list(wf._COMPILED.items()):
+        monkeypatch.setitem(
+            wf._COMPILED, key, lambda *a, _fn=fn, **k: compiled_calls.append(1) or _fn(*a, **k)
+        )
+    graphs = counters["stats"]["unique_graphs"]
+    nm = NNsight(fast)
+    with torch.no_grad():
+        for _ in range(3):
+            with nm.trace(ids):
+                nm.transformer_encoder.layers[0].output[:] = 0
+                out = nm.output.save()
+    assert compiled_calls == [] and counters["stats"]["unique_graphs"] == graphs
+    assert out.shape == (2, 7, 50)
+    with torch.no_grad():
+        fast(ids)
+    assert compiled_calls == [1] and counters["stats"]["unique_graphs"] == graphs
+
+
+def test_batched_invokes_each_see_their_own_rows(NNsight):
+    fast = build_model(small_config(positional_embedding_type="standard"))
+    nm = NNsight(fast)
+    clean_ids = random_ids(3, 50, 2, 6)
+    with nm.trace() as tracer:
+        with tracer.invoke(clean_ids):
+            clean = nm.output.save()
+        with tracer.invoke(clean_ids):
+            nm.pos_encoder.output[:] = 0
+            ablated = nm.output.save()
+    torch.testing.assert_close(clean, fast(clean_ids), **FP32_LOGITS)
+    assert clean.shape == ablated.shape == (2, 6, 50)
+    assert (clean - ablated).abs().max() > 1e-3
+
+
+def test_batched_invokes_of_different_lengths_are_a_clear_error(NNsight):
+    nm = NNsight(build_model(small_config()))
+    with pytest.raises(ValueError, match="must share a sequence length"):
+        with nm.trace() as tracer:
+            with tracer.invoke(random_ids(0, 50, 1, 4)):
+                nm.output.save()
+            with tracer.invoke(random_ids(0, 50, 1, 5)):
+                nm.output.save()
+
+
+# -- the guide's examples (000_295ce3862cf401fc.txt), on fast models ------------------
+# LanguageModel(model.model) -> wmfast.interp.NNsight(model.model): these models
+# have no tokenizer. The causal-intervention example passes the input to
+# trace() and then opens invokes, which nnsight 0.8 rejects ("Cannot invoke
+# while the model is already running"): it is rewritten as trace() with one
+# invoke(input_ids) per run.
+
+
+def test_guide_accessing_activations(NNsight):
+    from wmfast import ModelConfig, TransformerModelWrapper
+
+    config = ModelConfig(
+        model_class="transformer",
+        n_layers=2,
+        d_model=256,
+        d_vocab=100,
+        positional_embedding_type="rotary",
+    )
+    model = TransformerModelWrapper(config)
+    traced_model = NNsight(model.model)
+    input_ids = random_ids(0, 100, 2, 10).to(model.device)
+    with traced_model.trace(input_ids):
+        embeddings = traced_model.embedding.output.save()
+        encoder_output = traced_model.transformer_encoder.output.save()
+    assert embeddings.shape == encoder_output.shape == (2, 10, 256)
+
+
+def test_guide_intervening_on_activations(NNsight):
+    model = build_model(small_config(positional_embedding_type="standard"))
+    traced_model = NNsight(model)
+    input_ids = random_ids(1, 50, 2, 8)
+    with traced_model.trace(input_ids):
+        traced_model.embedding.output[:] = 0
+        output = traced_model.output_layer.output.save()
+    # with the embeddings zeroed, only positions tell the sequences apart:
+    # both rows (same length) give the same logits
+    torch.testing.assert_close(output[0], output[1], **FP32_LOGITS)
+    assert (output - model(input_ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cls, core", [("rnn", "rnn_core"), ("lstm", "lstm_core")])
+def test_guide_rnn_lstm(NNsight, cls, core):
+    model = build_model(small_config(model_class=cls, act_fn="tanh" if cls == "rnn" else "relu"))
+    traced = NNsight(model)
+    input_ids = random_ids(2, 50, 2, 8)
+    with traced.trace(input_ids):
+        embeddings = traced.embedding.output.save()
+        getattr(traced, core).output[:] = 0  # zero out the RNN outputs
+        logits = traced.output.save()
+    assert embeddings.shape == (2, 8, 32)
+    # zero hidden states leave only the output layer's bias
+    torch.testing.assert_close(logits, model.output_layer.bias.expand_as(logits), **FP32_LOGITS)
+
+
+@pytest.mark.parametrize("pe", ["standard", "rotary"])
+def test_guide_causal_intervention(NNsight, pe):
+    model = build_model(small_config(positional_embedding_type=pe))
+    traced_model = NNsight(model)
+    input_ids = random_ids(3, 50, 2, 8)
+    with traced_model.trace() as tracer:
+        with tracer.invoke(input_ids):
+            normal_output = traced_model.output_layer.output.save()
+        with tracer.invoke(input_ids):
+            traced_model.pos_encoder.output[:] = 0
+            intervened_output = traced_model.output_layer.output.save()
+    difference = normal_output - intervened_output
+    assert difference.abs().mean() > 1e-3  # positions matter
+    torch.testing.assert_close(normal_output, model(input_ids), **FP32_LOGITS)
