@@ -333,6 +333,19 @@ def test_cpu_training_reruns_are_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
+def test_deterministic_mode_sets_the_flags_and_keeps_cpu_reruns_bitwise():
+    import wmfast
+
+    try:
+        wmfast.set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic
+        test_cpu_training_reruns_are_bitwise_reproducible()
+    finally:
+        wmfast.set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 # -- options and rules ----------------------------------------------------------------
 
 

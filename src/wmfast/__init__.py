@@ -7,6 +7,8 @@ Importing wmfast is cheap: it never touches CUDA, triton or nnsight.
 from wmfast.build import VARIANTS, build_model
 from wmfast.checkpoint import CheckpointError, load_model, save_run
 from wmfast.config import ConfigError, ModelConfig, TrainingConfig
+from wmfast.determinism import set_deterministic
+from wmfast.fast import FastOptions, describe, make_fast
 from wmfast.wrappers import (
     LSTMModelWrapper,
     ModelWrapper,
@@ -20,6 +22,7 @@ __all__ = [
     "VARIANTS",
     "CheckpointError",
     "ConfigError",
+    "FastOptions",
     "LSTMModelWrapper",
     "ModelConfig",
     "ModelWrapper",
@@ -28,6 +31,9 @@ __all__ = [
     "TransformerModelWrapper",
     "__version__",
     "build_model",
+    "describe",
     "load_model",
+    "make_fast",
     "save_run",
+    "set_deterministic",
 ]
