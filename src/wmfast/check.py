@@ -1,98 +1,613 @@
-"""``wmfast check``: run every built-in default model and report.
+"""The equivalence report: does a fast model compute what the reference computes?
 
-This first version builds each model class and positional type at a small
-size, runs it on seeded random token ids and checks what the reference itself
-must satisfy: the output shape, finite logits and gradients, and agreement of
-PyTorch's fused (eval + no_grad) and unfused (eval with grad) encoder paths
-within the spec's fp32 tolerance. The fast-vs-reference equivalence report
-builds on this once the fast variants exist.
+``check_equivalence(source)`` builds the reference and the candidate variant
+from the same weights for every model the source names, and compares them on
+seeded random token ids (or the user's):
+
+* logits in eval mode without grad (PyTorch's fused encoder path for the
+  reference, the compiled path for a fast model on CPU), in eval mode with
+  grad, and in train mode with dropout forced to 0, plus the gradient of every
+  parameter in the last two, against the spec's tolerances;
+* with nnsight (``paths=True``): every module path the reference reaches, in a
+  trace with grad enabled, saves the same activation on both, and zeroing it
+  changes the logits the same way on both;
+* what ran where (device, dtype, compiled or not, rotary implementation and
+  attention backend actually used) and the speed ratio of a no-grad forward
+  and a training step (a slowdown is reported, never failed).
+
+On a mismatch the report names the first diverging module path. The JSON
+layout (``Report.to_dict``) is versioned by ``SCHEMA`` and documented in
+README.md; fields are only ever added within a version.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import importlib.util
+import os
+import statistics
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+from torch import nn
 
-from wmfast.build import build_model
-from wmfast.config import ModelConfig
+from wmfast.build import VARIANTS, apply_variant, seed_like_workingmem
+from wmfast.checkpoint import CheckpointError, model_from_run, read_run
+from wmfast.config import ConfigError, ModelConfig
+from wmfast.fast import describe, is_fast
+from wmfast.models import create_model
 
-# The spec's fp32 logits tolerance (SPEC.md section 2).
-LOGITS_RTOL = 1e-5
-LOGITS_ATOL = 1e-5
+SCHEMA = "wmfast.check/1"
 
-# Small default models: every model class and positional type.
+# SPEC.md section 2. "autocast" compares bf16/fp16 autocast logits with the fp32
+# reference; its gradients are compared with the reference under the same
+# autocast (comparing low-precision gradients with fp32 ones measures the dtype).
+TOLERANCES = {
+    "fp32": {"logits": (1e-5, 1e-5), "grads": (1e-4, 1e-5), "paths": (1e-5, 1e-5)},
+    "autocast": {"logits": (2e-2, 2e-2), "grads": (2e-2, 2e-2), "paths": (2e-2, 2e-2)},
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# the built-in default models: every model class and positional type, small
 DEFAULT_SIZE = dict(d_vocab=64, d_model=64, n_heads=4, n_layers=2, d_mlp=128, dropout=0.0)
+DEFAULT_BATCH, DEFAULT_SEQ_LEN = 4, 32
+FAST_PATH = "<untraced fast path>"
+
+
+class CheckInputError(ValueError):
+    """The check cannot run on what it was given (exit code 2)."""
 
 
 def default_configs(seed: int = 0) -> dict[str, ModelConfig]:
-    """The built-in default models, by name."""
     configs = {}
     for pe in ("standard", "rotary", None, "rotary_qk"):
         configs[f"transformer/{pe}"] = ModelConfig(
             model_class="transformer", positional_embedding_type=pe, seed=seed, **DEFAULT_SIZE
         )
-    for cls in ("rnn", "lstm"):
-        configs[cls] = ModelConfig(
-            model_class=cls,
-            d_hidden=64,
-            act_fn="tanh" if cls == "rnn" else "relu",
-            seed=seed,
-            **DEFAULT_SIZE,
-        )
+    configs["rnn"] = ModelConfig(
+        model_class="rnn", act_fn="tanh", d_hidden=64, seed=seed, **DEFAULT_SIZE
+    )
+    configs["lstm"] = ModelConfig(model_class="lstm", d_hidden=64, seed=seed, **DEFAULT_SIZE)
     return configs
 
 
+# -- report --------------------------------------------------------------------------
+
+
 @dataclasses.dataclass
-class SmokeResult:
+class Comparison:
+    name: str  # e.g. "eval_grad/seed0/logits", "paths/transformer_encoder.layers.0/output"
+    kind: str  # "logits", "grad", "activation", "ablation"
+    max_abs: float
+    max_rel: float
+    rtol: float
+    atol: float
+    ok: bool
+    path: str | None = None  # module path or parameter name
+
+
+@dataclasses.dataclass
+class ModelReport:
     name: str
-    parameters: int
-    logits_shape: tuple
-    finite: bool
-    fused_vs_unfused_max_abs: float
-    fused_vs_unfused_close: bool
-    grads_finite: bool
-    seconds: float
+    config: dict
+    ok: bool = True
+    first_divergence: str | None = None
+    ran: dict = dataclasses.field(default_factory=dict)
+    comparisons: list[Comparison] = dataclasses.field(default_factory=list)
+    paths_checked: int = 0
+    speed: dict = dataclasses.field(default_factory=dict)
+
+    def failures(self) -> list[Comparison]:
+        return [c for c in self.comparisons if not c.ok]
+
+
+@dataclasses.dataclass
+class Report:
+    environment: dict
+    settings: dict
+    models: list[ModelReport]
+    schema: str = SCHEMA
 
     @property
     def ok(self) -> bool:
-        return self.finite and self.grads_finite and self.fused_vs_unfused_close
+        return all(m.ok for m in self.models)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["ok"] = self.ok
+        return out
 
 
-def smoke_check(
-    config: ModelConfig, name: str, batch: int = 4, seq_len: int = 32, seed: int = 0
-) -> SmokeResult:
-    start = time.perf_counter()
-    model = build_model(config, variant="reference")
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, config.d_vocab, (batch, seq_len), generator=gen)
-    model.eval()
-    with torch.no_grad():
-        fused = model(ids)  # may take PyTorch's fused encoder path
-    logits = model(ids)  # with grad: the unfused path
-    logits.float().square().mean().backward()
-    grads_finite = all(
-        p.grad is not None and bool(torch.isfinite(p.grad).all())
-        for p in model.parameters()
-        if p.requires_grad and p.numel() > 0
+def _leaves(value: Any) -> list:
+    """Tensors (or None) of a possibly nested output, e.g. nn.LSTM's (out, (h, c))."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
+def compare(
+    name: str, kind: str, got: Any, want: Any, tol: tuple[float, float], path=None
+) -> Comparison:
+    """Max abs/rel error of got vs want (tensors, or nested tuples of them) and allclose."""
+    rtol, atol = tol
+    got_leaves, want_leaves = _leaves(got), _leaves(want)
+    if len(got_leaves) != len(want_leaves):
+        return Comparison(name, kind, float("inf"), float("inf"), rtol, atol, False, path)
+    max_abs = max_rel = 0.0
+    ok = True
+    for g, w in zip(got_leaves, want_leaves, strict=True):
+        if not isinstance(w, torch.Tensor) or not isinstance(g, torch.Tensor):
+            ok &= g is None and w is None
+            continue
+        if g.shape != w.shape:
+            return Comparison(name, kind, float("inf"), float("inf"), rtol, atol, False, path)
+        if g.numel() == 0:
+            continue
+        g, w = g.detach().double(), w.detach().double()
+        diff = (g - w).abs()
+        max_abs = max(max_abs, float(diff.max()))
+        max_rel = max(max_rel, float((diff / w.abs().clamp_min(1e-12)).max()))
+        ok &= bool((diff <= atol + rtol * w.abs()).all())
+    return Comparison(name, kind, max_abs, max_rel, rtol, atol, ok, path)
+
+
+# -- sources -------------------------------------------------------------------------
+
+
+Source = tuple[ModelConfig, "dict | None"]  # config, and weights to load (a run's) or None
+
+
+def resolve_source(source: Any = None, seed: int = 0) -> dict[str, Source]:
+    """None (the defaults), a ModelConfig, a dict of them, or a path: a run
+    directory (best_model.pth + config.yaml) or a YAML file of configs."""
+    if source is None:
+        return {name: (cfg, None) for name, cfg in default_configs(seed).items()}
+    if isinstance(source, ModelConfig):
+        return {"model": (source, None)}
+    if isinstance(source, dict) and all(isinstance(v, ModelConfig) for v in source.values()):
+        return {name: (cfg, None) for name, cfg in source.items()}
+    path = Path(source)
+    if path.is_dir():
+        try:
+            run = read_run(path)
+        except CheckpointError as exc:
+            raise CheckInputError(str(exc)) from None
+        return {path.name: (run.config.replace(from_pretrained=str(path)), run)}
+    if not path.exists():
+        raise CheckInputError(f"no such config file or checkpoint directory: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckInputError(f"cannot read {path}: {exc}") from None
+    if (
+        isinstance(data, dict)
+        and "model_class" not in data
+        and all(isinstance(v, dict) for v in data.values())
+    ):
+        items = list(data.items())  # name -> config
+    elif isinstance(data, dict):
+        items = [(path.stem, data)]
+    elif isinstance(data, list) and all(isinstance(v, dict) for v in data):
+        items = [(f"{path.stem}[{i}]", cfg) for i, cfg in enumerate(data)]
+    else:
+        raise CheckInputError(
+            f"{path} must hold a config mapping, a list of them, or name -> config"
+        )
+    try:
+        configs = {name: (ModelConfig.from_dict(cfg), None) for name, cfg in items}
+    except (ConfigError, TypeError) as exc:
+        raise CheckInputError(f"invalid config in {path}: {exc}") from None
+    for name, (cfg, _) in configs.items():
+        if cfg.d_vocab is None:
+            raise CheckInputError(f"config {name!r} in {path} has no d_vocab")
+    return configs
+
+
+def build_pair(
+    config: ModelConfig, run, variant: str, fast_options=None
+) -> tuple[nn.Module, nn.Module]:
+    """(reference, candidate) sharing one set of weights."""
+    if run is not None:
+        reference = model_from_run(run, config.from_pretrained)
+    else:
+        seed_like_workingmem(config.seed)
+        reference = create_model(config.replace(from_pretrained=None))
+    if variant == "reference":
+        return reference, reference
+    shared = {id(t): t for t in (*reference.parameters(), *reference.buffers())}
+    candidate = copy.deepcopy(reference, memo=shared)
+    return reference, apply_variant(candidate, variant, fast_options)
+
+
+# -- running models ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dropout_off(*models: nn.Module) -> Iterator[None]:
+    """Dropout probability 0 in every module of ``models``, restored afterwards."""
+    saved = []
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                saved.append((module, "p", module.p))
+                module.p = 0.0
+            elif isinstance(module, nn.MultiheadAttention):
+                saved.append((module, "dropout", module.dropout))
+                module.dropout = 0.0
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def _param_grads(
+    model: nn.Module, logits: torch.Tensor, weight: torch.Tensor
+) -> dict[str, torch.Tensor | None]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(
+        (logits.float() * weight).sum(), [p for _, p in named], allow_unused=True
     )
-    diff = (fused - logits.detach()).abs()
-    allowed = LOGITS_ATOL + LOGITS_RTOL * logits.detach().abs()
-    return SmokeResult(
-        name=name,
-        parameters=sum(p.numel() for p in model.parameters()),
-        logits_shape=tuple(logits.shape),
-        finite=bool(torch.isfinite(logits).all()),
-        fused_vs_unfused_max_abs=float(diff.max()),
-        fused_vs_unfused_close=bool((diff <= allowed).all()),
-        grads_finite=grads_finite,
-        seconds=time.perf_counter() - start,
-    )
+    return {n: g for (n, _), g in zip(named, grads, strict=True)}
 
 
-def run_default_checks(batch: int = 4, seq_len: int = 32, seed: int = 0) -> list[SmokeResult]:
-    return [
-        smoke_check(cfg, name, batch=batch, seq_len=seq_len, seed=seed)
-        for name, cfg in default_configs(seed).items()
+def reached_paths(
+    model: nn.Module, input_ids: torch.Tensor, run: Callable | None = None
+) -> dict[str, Any]:
+    """Output of every submodule the module path calls (first call), by path, in call order."""
+    outputs: dict[str, Any] = {}
+    handles = [
+        module.register_forward_hook(lambda m, a, o, n=name: outputs.setdefault(n, o))
+        for name, module in model.named_modules()
+        if name
     ]
+    try:
+        (run or model.forward_modules)(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def _first_tensor(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 2 and value[1] is None:
+        return value[0]  # nn.MultiheadAttention's (output, None)
+    return value
+
+
+def first_divergence(reference: nn.Module, candidate: nn.Module, input_ids, tol) -> str:
+    """The first module path (in the reference's call order) whose output differs.
+
+    The candidate's module path (what nnsight traces) is checked first, then its
+    untraced fast path, which reports its activations under the same paths
+    (transformer_forward's ``record``); FAST_PATH if neither names a module.
+    """
+    with torch.no_grad():
+        want = reached_paths(reference, input_ids)
+        runs = [reached_paths(candidate, input_ids)]
+        if is_fast(candidate):
+            recorded: dict[str, Any] = {}
+            candidate._fast(candidate, input_ids, record=lambda p, v: recorded.setdefault(p, v))
+            runs.append(recorded)
+    for got in runs:
+        for path, value in want.items():
+            if (
+                path in got
+                and not compare(
+                    path, "activation", _first_tensor(got[path]), _first_tensor(value), tol
+                ).ok
+            ):
+                return path
+    return FAST_PATH
+
+
+# -- nnsight path walk ------------------------------------------------------------------
+
+
+def _envoy(root, path: str):
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
+
+
+def _trace_output(nm, path: str, input_ids):
+    with nm.trace(input_ids):
+        saved = _envoy(nm, path).output.save()
+    return saved
+
+
+def _trace_ablation(nm, path: str, input_ids):
+    with nm.trace(input_ids):
+        out = _envoy(nm, path).output
+        target = out[0] if isinstance(out, tuple) else out
+        target[:] = 0
+        logits = nm.output.save()
+    return logits
+
+
+def walk_paths(report: ModelReport, reference, candidate, input_ids, tol, progress) -> None:
+    from wmfast.interp import NNsight
+
+    nm_ref, nm_cand = NNsight(reference), NNsight(candidate)
+    for path in reached_paths(reference, input_ids):
+        progress(f"{report.name}: nnsight {path}")
+        want = _first_tensor(_trace_output(nm_ref, path, input_ids))
+        got = _first_tensor(_trace_output(nm_cand, path, input_ids))
+        report.comparisons.append(
+            compare(f"paths/{path}/output", "activation", got, want, tol, path)
+        )
+        want = _trace_ablation(nm_ref, path, input_ids)
+        got = _trace_ablation(nm_cand, path, input_ids)
+        report.comparisons.append(
+            compare(f"paths/{path}/ablation", "ablation", got, want, tol, path)
+        )
+        report.paths_checked += 1
+
+
+# -- speed ------------------------------------------------------------------------------
+
+
+def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one call, synchronised on CUDA so it counts finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_speed(reference, candidate, input_ids, device, dtype, repeats: int = 5) -> dict:
+    """Median seconds of a no-grad forward and a training step (forward,
+    cross-entropy, backward, AdamW), each model warmed up first (compiles happen
+    outside the timing), alternating so drift hits both alike."""
+    out = {}
+
+    def forward(model):
+        model.eval()
+        with torch.no_grad(), _autocast(device, dtype):
+            model(input_ids)
+
+    def train_step(model, optimizer):
+        model.train()
+        with _autocast(device, dtype):
+            logits = model(input_ids[:, :-1])
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # lr 0: the step's arithmetic runs, the shared weights stay as they are
+    optimizers = {
+        id(m): torch.optim.AdamW(m.parameters(), lr=0.0, weight_decay=0.0)
+        for m in (reference, candidate)
+    }
+    for name, run in (
+        ("forward", forward),
+        ("train_step", lambda m: train_step(m, optimizers[id(m)])),
+    ):
+        for model in (reference, candidate, candidate):
+            run(model)  # warm-up (and compile) outside the timing
+        ref_times, cand_times = [], []
+        for _ in range(repeats):
+            ref_times.append(_seconds(lambda run=run: run(reference), device))
+            cand_times.append(_seconds(lambda run=run: run(candidate), device))
+        r, c = statistics.median(ref_times), statistics.median(cand_times)
+        out[name] = {"reference_s": r, "candidate_s": c, "speedup": r / c if c > 0 else None}
+    return out
+
+
+# -- the check --------------------------------------------------------------------------
+
+
+def compare_models(
+    name: str,
+    reference: nn.Module,
+    candidate: nn.Module,
+    inputs: list[tuple[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    dtype: str = "fp32",
+    tolerances: dict | None = None,
+    paths: bool = True,
+    speed: bool = True,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> ModelReport:
+    tol = (tolerances or TOLERANCES)["fp32" if dtype == "fp32" else "autocast"]
+    config = reference.config.to_dict() if hasattr(reference, "config") else {}
+    report = ModelReport(name=name, config=config)
+    weight_gen = torch.Generator().manual_seed(1234)
+    for label, ids in inputs:
+        progress(f"{name}: {label} eval, no grad (a fast model's first call compiles)")
+        reference.eval(), candidate.eval()
+        with torch.no_grad():
+            want = reference(ids)
+            with _autocast(device, dtype):
+                got = candidate(ids)
+        report.comparisons.append(
+            compare(f"eval_no_grad/{label}/logits", "logits", got, want, tol["logits"])
+        )
+        weight = torch.randn(want.shape, generator=weight_gen).to(device)
+        for mode in ("eval_grad", "train_no_dropout"):
+            progress(f"{name}: {label} {mode.replace('_', ' ')}")
+            train = mode == "train_no_dropout"
+            reference.train(train), candidate.train(train)
+            with dropout_off(reference, candidate) if train else contextlib.nullcontext():
+                want = reference(ids)
+                with _autocast(device, dtype):
+                    got = candidate(ids)
+                report.comparisons.append(
+                    compare(f"{mode}/{label}/logits", "logits", got, want, tol["logits"])
+                )
+                if dtype != "fp32":  # gradients: same precision on both sides (see TOLERANCES)
+                    with _autocast(device, dtype):
+                        want = reference(ids)
+                want_grads = _param_grads(reference, want, weight)
+                got_grads = _param_grads(candidate, got, weight)
+            for param, g in want_grads.items():
+                report.comparisons.append(
+                    compare(
+                        f"{mode}/{label}/grad/{param}",
+                        "grad",
+                        got_grads[param],
+                        g,
+                        tol["grads"],
+                        param,
+                    )
+                )
+    reference.eval(), candidate.eval()
+    report.ran = describe(candidate, device)
+    if is_fast(candidate) and candidate._fast.last_plan is not None:
+        report.ran["last_call"] = candidate._fast.last_plan._asdict()
+    report.ran["dtype"] = dtype
+    if paths:
+        with torch.enable_grad():  # under no_grad the fused encoder path skips submodules
+            walk_paths(report, reference, candidate, inputs[0][1], tol["paths"], progress)
+    report.ok = not report.failures()
+    if not report.ok:
+        progress(f"{name}: locating the first diverging module path")
+        report.first_divergence = first_divergence(reference, candidate, inputs[0][1], tol["paths"])
+    if speed:
+        progress(f"{name}: timing")
+        report.speed = measure_speed(reference, candidate, inputs[0][1], device, dtype)
+    return report
+
+
+def _environment(device: torch.device) -> dict:
+    from wmfast import __version__
+
+    env = {"wmfast": __version__, "torch": torch.__version__, "device": str(device)}
+    for package in ("triton", "nnsight"):
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            env[package] = None
+        else:
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                env[package] = version(package)
+            except PackageNotFoundError:
+                env[package] = "unknown"
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def check_equivalence(
+    source: Any = None,
+    *,
+    variant: str = "fast",
+    device: str = "cpu",
+    dtype: str = "fp32",
+    batch_size: int = DEFAULT_BATCH,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seeds: tuple[int, ...] = (0,),
+    tolerances: dict | None = None,
+    paths: bool = True,
+    speed: bool = True,
+    input_ids: torch.Tensor | str | os.PathLike | None = None,
+    fast_options=None,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> Report:
+    """Compare ``variant`` with the reference for every model ``source`` names.
+
+    Raises CheckInputError (exit code 2 in the CLI) for input the check cannot
+    use: unreadable configs, missing checkpoints, CUDA asked for but absent,
+    nnsight missing while ``paths`` is on, a bad inputs file.
+    """
+    if variant not in VARIANTS:
+        raise CheckInputError(f"variant must be one of {list(VARIANTS)}; got {variant!r}")
+    if dtype not in DTYPES:
+        raise CheckInputError(f"dtype must be one of {list(DTYPES)}; got {dtype!r}")
+    if batch_size < 1 or seq_len < 1:
+        raise CheckInputError("batch size and sequence length must be >= 1")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckInputError("device 'cuda' was asked for, but no CUDA device is available")
+    if paths and importlib.util.find_spec("nnsight") is None:
+        raise CheckInputError(
+            "walking module paths needs nnsight: pip install 'wmfast[interp]' (or pass --no-paths)"
+        )
+    user_ids = _load_inputs(input_ids) if input_ids is not None else None
+    models = resolve_source(source, seed=seeds[0])
+    reports = []
+    for name, (config, run) in models.items():
+        progress(f"{name}: building")
+        try:
+            reference, candidate = build_pair(config, run, variant, fast_options)
+        except (ConfigError, CheckpointError) as exc:
+            raise CheckInputError(f"{name}: {exc}") from None
+        reference.to(dev)
+        candidate.to(dev)
+        inputs = [
+            (
+                f"seed{seed}",
+                torch.randint(
+                    0,
+                    config.d_vocab,
+                    (batch_size, seq_len),
+                    generator=torch.Generator().manual_seed(seed),
+                ).to(dev),
+            )
+            for seed in seeds
+        ]
+        if user_ids is not None:
+            if int(user_ids.max()) >= config.d_vocab:
+                raise CheckInputError(
+                    f"{name}: input ids reach {int(user_ids.max())}, beyond d_vocab={config.d_vocab}"
+                )
+            inputs.insert(0, ("inputs", user_ids.to(dev)))
+        reports.append(
+            compare_models(
+                name,
+                reference,
+                candidate,
+                inputs,
+                device=dev,
+                dtype=dtype,
+                tolerances=tolerances,
+                paths=paths,
+                speed=speed,
+                progress=progress,
+            )  # fmt: skip
+        )
+    settings = dict(
+        variant=variant, device=str(dev), dtype=dtype, batch_size=batch_size, seq_len=seq_len,
+        seeds=list(seeds), paths=paths, speed=speed, tolerances=tolerances or TOLERANCES,
+        inputs=str(input_ids) if isinstance(input_ids, (str, os.PathLike)) else None,
+    )  # fmt: skip
+    return Report(environment=_environment(dev), settings=settings, models=reports)
+
+
+def _load_inputs(source) -> torch.Tensor:
+    if isinstance(source, torch.Tensor):
+        ids = source
+    else:
+        try:
+            ids = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
+            raise CheckInputError(f"cannot read input ids from {source}: {exc}") from None
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dim() != 2
+        or ids.dtype not in (torch.int64, torch.int32)
+    ):
+        raise CheckInputError("input ids must be a 2-D integer tensor (batch, seq_len)")
+    if int(ids.min()) < 0:
+        raise CheckInputError("input ids must be >= 0")
+    return ids.long()

@@ -93,7 +93,7 @@ def _read_yaml(path: Path, what: str) -> Any:
 # -- atomic writes ----------------------------------------------------------------
 
 
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+def write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write via a temporary file in the same folder, then rename into place.
 
     A crash or KeyboardInterrupt mid-write leaves the old file (or none) and a
@@ -117,7 +117,7 @@ def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> Non
 
 def _write_yaml(path: Path, data: Any) -> None:
     text = yaml.safe_dump(data, sort_keys=False)
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # -- state dicts ------------------------------------------------------------------
@@ -319,7 +319,7 @@ def save_run(
         run_dir / BEST_WEIGHTS if epoch is None else run_dir / EPOCHS_DIR / f"epoch_{epoch}.pth"
     )
     state = {k: v.detach().cpu() for k, v in with_aliases(model.state_dict()).items()}
-    _write_atomic(weights, lambda f: torch.save(state, f))
+    write_atomic(weights, lambda f: torch.save(state, f))
     _write_yaml(run_dir / CONFIG_FILE, config.workingmem_dict())
     _write_yaml(run_dir / WMFAST_FILE, config.wmfast_dict())
     _write_yaml(run_dir / HISTORY_FILE, _plain(list(history or [])))

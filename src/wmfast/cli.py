@@ -1,61 +1,202 @@
 """The ``wmfast`` command.
 
-wmfast check      run every built-in default model and report (exit 0 = all OK)
-wmfast --version
+    wmfast check [SOURCE]   the equivalence report (exit 0: all within tolerance,
+                            1: a mismatch, 2: bad input)
+    wmfast --version
+
+SOURCE is a ModelConfig YAML file (one config, a list, or name -> config), a
+workingmem run directory (best_model.pth + config.yaml), or nothing: every
+built-in default model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+from pathlib import Path
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    from wmfast.check import LOGITS_ATOL, LOGITS_RTOL, run_default_checks
+def _tolerances(args: argparse.Namespace):
+    from wmfast.check import TOLERANCES
 
-    results = run_default_checks(batch=args.batch_size, seq_len=args.seq_len, seed=args.seed)
-    header = f"{'model':<24}{'params':>10}  {'logits':<14}{'fused vs unfused':>18}  {'grads':<7}{'time':>7}  ok"
-    print(
-        f"wmfast check: reference models, batch {args.batch_size}, T {args.seq_len}, seed {args.seed}"
+    if args.rtol is None and args.atol is None:
+        return None
+    out = {}
+    for regime, kinds in TOLERANCES.items():
+        out[regime] = {
+            kind: (
+                args.rtol if args.rtol is not None else rtol,
+                args.atol if args.atol is not None else atol,
+            )
+            for kind, (rtol, atol) in kinds.items()
+        }
+    return out
+
+
+def _worst(comparisons, kind):
+    found = [c.max_abs for c in comparisons if c.kind == kind]
+    return f"{max(found):.1e}" if found else "-"
+
+
+def _ran(model) -> str:
+    ran = model.ran
+    if ran.get("variant") != "fast":
+        return "reference"
+    if ran.get("attention") == "cudnn-rnn":
+        return "cuDNN, module path"
+    if ran.get("compiled_with_grad"):
+        compiled = "compiled"
+    elif ran.get("compiled_no_grad"):
+        compiled = "compiled no-grad"
+    else:
+        compiled = "eager"
+    return f"{compiled}; {ran.get('rotary')} rotary; {ran.get('attention')}"
+
+
+def _speed(model, name) -> str:
+    entry = model.speed.get(name)
+    return f"{entry['speedup']:.2f}x" if entry and entry.get("speedup") else "-"
+
+
+def render(report, console) -> None:
+    from rich.table import Table
+
+    s = report.settings
+    table = Table(
+        title=f"wmfast check: {s['variant']} vs reference on {s['device']}, {s['dtype']}, "
+        f"batch {s['batch_size']}, T {s['seq_len']}, seeds {s['seeds']}"
     )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        shape = "x".join(map(str, r.logits_shape))
-        print(
-            f"{r.name:<24}{r.parameters:>10}  {shape:<14}{r.fused_vs_unfused_max_abs:>18.2e}  "
-            f"{'finite' if r.grads_finite else 'NaN':<7}{r.seconds:>6.2f}s  {'yes' if r.ok else 'NO'}"
+    table.add_column("model", no_wrap=True)
+    table.add_column("ok")
+    for column in ("checks", "logits err", "grads err", "paths"):
+        table.add_column(column, justify="right")
+    table.add_column("ran")
+    table.add_column("fwd", justify="right")
+    table.add_column("train", justify="right")
+    for m in report.models:
+        passed = sum(c.ok for c in m.comparisons)
+        table.add_row(
+            m.name,
+            "[green]yes[/]" if m.ok else "[red]NO[/]",
+            f"{passed}/{len(m.comparisons)}",
+            _worst(m.comparisons, "logits"),
+            _worst(m.comparisons, "grad"),
+            str(m.paths_checked) if s["paths"] else "off",
+            _ran(m),
+            _speed(m, "forward"),
+            _speed(m, "train_step"),
         )
-    failed = [r.name for r in results if not r.ok]
-    if failed:
-        print(f"FAILED: {', '.join(failed)} (tolerance rtol {LOGITS_RTOL}, atol {LOGITS_ATOL})")
-        return EXIT_MISMATCH
-    print(f"all {len(results)} models OK (tolerance rtol {LOGITS_RTOL}, atol {LOGITS_ATOL})")
-    return EXIT_OK
+    console.print(table)
+    for m in report.models:
+        if not m.ok:
+            console.print(f"[red]{m.name}: first diverging module path: {m.first_divergence}[/]")
+            for c in m.failures()[:8]:
+                console.print(
+                    f"  {c.name}: max abs {c.max_abs:.2e}, max rel {c.max_rel:.2e} (rtol {c.rtol}, atol {c.atol})"
+                )
+    if s["speed"]:
+        console.print(
+            "fwd/train: speedup of the candidate over the reference in this process (a slowdown is reported, not failed)"
+        )
+
+
+def _bad_input(reason: str) -> int:
+    """One line on stderr (never wrapped: scripts grep it), exit code 2."""
+    print(f"wmfast check: {' '.join(reason.split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from wmfast.check import CheckInputError, check_equivalence
+    from wmfast.checkpoint import write_atomic
+
+    out, err = Console(), Console(stderr=True)
+    # the progress display says when a first call compiles; the log line would
+    # only break it up
+    logging.getLogger("wmfast").setLevel(logging.ERROR)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        return _bad_input(f"--seeds must be comma-separated integers; got {args.seeds!r}")
+    try:
+        with err.status("wmfast check: starting") as status:
+            report = check_equivalence(
+                args.source,
+                variant=args.variant,
+                device=args.device,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                seeds=seeds,
+                tolerances=_tolerances(args),
+                paths=not args.no_paths,
+                speed=not args.no_speed,
+                input_ids=args.inputs,
+                progress=lambda msg: status.update(f"wmfast check: {msg}"),
+            )
+    except CheckInputError as exc:
+        return _bad_input(str(exc))
+    render(report, out)
+    if args.json:
+        text = json.dumps(report.to_dict(), indent=2)
+        write_atomic(Path(args.json), lambda f: f.write(text.encode("utf-8")))
+        out.print(f"report written to {args.json}")
+    if report.ok:
+        out.print(f"[green]all {len(report.models)} models within tolerance[/]")
+        return EXIT_OK
+    first = next(m for m in report.models if not m.ok)
+    out.print(f"[red]MISMATCH: {first.name} diverges first at {first.first_divergence}[/]")
+    return EXIT_MISMATCH
 
 
 def build_parser() -> argparse.ArgumentParser:
     from wmfast import __version__
 
-    parser = argparse.ArgumentParser(prog="wmfast", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="wmfast", description="fast, provably equivalent workingmem models"
+    )
     parser.add_argument("--version", action="version", version=f"wmfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="run the built-in default models and report")
+    check = sub.add_parser("check", help="prove a fast model computes what the reference computes")
+    check.add_argument(
+        "source",
+        nargs="?",
+        default=None,
+        help="config YAML or run directory (default: built-in models)",
+    )
+    check.add_argument("--variant", default="fast", choices=["fast", "reference"])
+    check.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    check.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="bf16/fp16: autocast vs the fp32 reference",
+    )
     check.add_argument("--batch-size", type=int, default=4)
     check.add_argument("--seq-len", type=int, default=32)
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument(
+        "--seeds", default="0", help="comma-separated seeds for the random token ids"
+    )
+    check.add_argument(
+        "--inputs", default=None, help="a .pt file holding a (batch, seq_len) token-id tensor"
+    )
+    check.add_argument("--rtol", type=float, default=None, help="override every relative tolerance")
+    check.add_argument("--atol", type=float, default=None, help="override every absolute tolerance")
+    check.add_argument("--no-paths", action="store_true", help="skip the nnsight module-path walk")
+    check.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    check.add_argument("--json", default=None, help="write the full report as JSON here")
     check.set_defaults(func=_cmd_check)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("batch_size", "seq_len"):
-        if getattr(args, name, 1) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -122,6 +122,7 @@ class FastRunner:
     def __init__(self, options: FastOptions | None = None) -> None:
         self.options = options or FastOptions()
         self._announced: set[tuple] = set()
+        self.last_plan: Plan | None = None  # what the latest call actually ran
 
     # the announcements are per process: a copy or an unpickled model says again
     # that it compiles, because in a new process it does
@@ -146,17 +147,25 @@ class FastRunner:
             ),
         )
 
-    def __call__(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, input_ids: torch.Tensor, record: Callable | None = None
+    ) -> torch.Tensor:
+        """The untraced forward. ``record`` (see transformer_forward) forces the
+        uncompiled path: it is for locating a divergence, not for speed."""
         if not isinstance(model, TransformerModel):
+            self.last_plan = self.plan(model)
             return model.forward_modules(input_ids)  # cuDNN recurrence: see module docstring
         plan = self.plan(model, input_ids.device)
+        if record is not None:
+            plan = plan._replace(compiled=False)
+        self.last_plan = plan
         rotate_qk, embed_rotary = _rotary_functions(plan.rotary)
         args = (gather_weights(model), input_ids, statics_of(model))
         kwargs = dict(
             rotate_qk=rotate_qk, embed_rotary=embed_rotary, attend=CAUSAL_ATTENTION[plan.attention]
         )
         if not plan.compiled:
-            return transformer_forward(*args, **kwargs)
+            return transformer_forward(*args, **kwargs, record=record)
         forward = _compiled_forward(self.options.mode, self.options.dynamic)
         key = (
             input_ids.device.type,

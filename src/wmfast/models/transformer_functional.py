@@ -131,15 +131,23 @@ def transformer_forward(
     rotate_qk: RotateQK = _torch_rotary_qk,
     embed_rotary: EmbedRotary = _torch_embedding_rotation,
     attend: Attend | None = None,
+    record: Callable[[str, object], None] | None = None,
 ) -> torch.Tensor:
-    """logits (B, T, d_vocab) for input_ids (B, T); see TransformerModel.forward."""
+    """logits (B, T, d_vocab) for input_ids (B, T); see TransformerModel.forward.
+
+    ``record(path, value)``, if given, receives intermediate activations under
+    the module paths whose outputs they equal on the reference (wmfast check
+    uses it to name the first diverging path); never passed to compiled calls.
+    """
     from wmfast.attention_backends import sdpa_causal
 
     attend = attend or sdpa_causal
+    note = record or _ignore
     d_model, heads = statics.d_model, statics.n_heads
     batch, seq_len = input_ids.shape
     scale = math.sqrt(d_model)
     emb = F.embedding(input_ids, weights.embedding)  # (B, T, d)
+    note("embedding", emb)
 
     rope = None
     if statics.positional == "standard":
@@ -154,16 +162,31 @@ def transformer_forward(
 
     act = F.relu if statics.act_fn == "relu" else F.gelu
     p, train = statics.dropout, statics.training
-    for w in weights.layers:
+    for i, w in enumerate(weights.layers):
+        path = f"transformer_encoder.layers.{i}"
         qkv = F.linear(x, w.in_proj_weight, w.in_proj_bias).view(batch, seq_len, 3, heads, -1)
         q, k, v = qkv.unbind(2)  # (B, T, H, D) views
         if rope is not None:
             q, k = rotate_qk(q, k, *rope)
+            note(f"{path}.self_attn.rotary", (q, k))
         attn = attend(q, k, v, p if train else 0.0).reshape(batch, seq_len, d_model)
         sa = F.linear(attn, w.out_proj_weight, w.out_proj_bias)
+        note(f"{path}.self_attn", sa)
         # post-LN, as nn.TransformerEncoderLayer(norm_first=False)
         x = _add_norm(x, F.dropout(sa, p, train), w.norm1_weight, w.norm1_bias, statics.eps)
-        hidden = F.dropout(act(F.linear(x, w.linear1_weight, w.linear1_bias)), p, train)
-        ff = F.linear(hidden, w.linear2_weight, w.linear2_bias)
+        note(f"{path}.norm1", x)
+        pre = F.linear(x, w.linear1_weight, w.linear1_bias)
+        note(f"{path}.linear1", pre)
+        ff = F.linear(F.dropout(act(pre), p, train), w.linear2_weight, w.linear2_bias)
+        note(f"{path}.linear2", ff)
         x = _add_norm(x, F.dropout(ff, p, train), w.norm2_weight, w.norm2_bias, statics.eps)
-    return F.linear(x, weights.output_weight, weights.output_bias)
+        note(f"{path}.norm2", x)
+        note(path, x)
+    note("transformer_encoder", x)
+    logits = F.linear(x, weights.output_weight, weights.output_bias)
+    note("output_layer", logits)
+    return logits
+
+
+def _ignore(path: str, value: object) -> None:
+    pass

@@ -1,0 +1,279 @@
+"""The equivalence report: passes on good models, fails on broken ones naming
+the first diverging module path, and refuses bad input with exit code 2."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from wmfast import build_model, save_run
+from wmfast import check as wc
+from wmfast.cli import main
+from wmfast.fast import make_fast
+
+from .helpers import random_ids, small_config
+
+# The documented JSON layout (README "wmfast check"): fields may be added within
+# a schema version, never removed or renamed.
+REPORT_KEYS = {"schema", "environment", "settings", "models", "ok"}
+MODEL_KEYS = {
+    "name",
+    "config",
+    "ok",
+    "first_divergence",
+    "ran",
+    "comparisons",
+    "paths_checked",
+    "speed",
+}
+COMPARISON_KEYS = {"name", "kind", "max_abs", "max_rel", "rtol", "atol", "ok", "path"}
+SETTINGS_KEYS = {
+    "variant",
+    "device",
+    "dtype",
+    "batch_size",
+    "seq_len",
+    "seeds",
+    "paths",
+    "speed",
+    "tolerances",
+    "inputs",
+}
+
+
+@pytest.fixture(scope="module")
+def default_report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("check") / "report.json"
+    code = main(["check", "--seq-len", "8", "--batch-size", "2", "--json", str(path)])
+    return code, json.loads(path.read_text())
+
+
+def test_default_models_pass_and_the_json_has_the_documented_layout(default_report):
+    code, report = default_report
+    assert code == 0 and report["ok"] is True
+    assert report["schema"] == wc.SCHEMA == "wmfast.check/1"
+    assert set(report) == REPORT_KEYS
+    assert set(report["settings"]) == SETTINGS_KEYS
+    names = [m["name"] for m in report["models"]]
+    assert names == [
+        "transformer/standard",
+        "transformer/rotary",
+        "transformer/None",
+        "transformer/rotary_qk",
+        "rnn",
+        "lstm",
+    ]
+    for model in report["models"]:
+        assert set(model) == MODEL_KEYS and model["ok"] and model["first_divergence"] is None
+        assert all(set(c) == COMPARISON_KEYS for c in model["comparisons"])
+        kinds = {c["kind"] for c in model["comparisons"]}
+        assert kinds == {"logits", "grad", "activation", "ablation"}
+        assert model["paths_checked"] >= 4
+        assert set(model["speed"]) == {"forward", "train_step"}
+        assert model["speed"]["forward"]["speedup"] > 0
+        assert model["ran"]["variant"] == "fast"
+    # every parameter's gradient was compared, in both modes with grad
+    first = report["models"][0]
+    n_params = len(list(build_model(wc.default_configs()["transformer/standard"]).parameters()))
+    assert sum(c["kind"] == "grad" for c in first["comparisons"]) == 2 * n_params
+
+
+def test_the_report_says_what_ran(default_report):
+    _, report = default_report
+    ran = {m["name"]: m["ran"] for m in report["models"]}
+    assert ran["transformer/rotary_qk"]["compiled_no_grad"] is True  # the CPU rule
+    assert ran["transformer/rotary_qk"]["compiled_with_grad"] is False
+    assert (
+        ran["transformer/rotary_qk"]["rotary"] == "torch"
+        and ran["transformer/rotary_qk"]["attention"] == "sdpa"
+    )
+    assert ran["lstm"]["attention"] == "cudnn-rnn"
+    assert report["environment"]["torch"] == torch.__version__
+
+
+def _broken_pair(config, break_it):
+    reference = build_model(config, variant="reference")
+    candidate = make_fast(copy.deepcopy(reference), compile="never")
+    break_it(candidate)
+    return reference, candidate
+
+
+def _compare(reference, candidate, paths=False):
+    ids = [("seed0", random_ids(0, 50, 2, 6))]
+    return wc.compare_models(
+        "broken", reference, candidate, ids, device=torch.device("cpu"), paths=paths, speed=False
+    )
+
+
+@pytest.mark.parametrize(
+    "param, path",
+    [
+        ("transformer_encoder.layers.1.linear1.weight", "transformer_encoder.layers.1.linear1"),
+        (
+            "transformer_encoder.layers.0.self_attn.in_proj_bias",
+            "transformer_encoder.layers.0.self_attn",
+        ),
+        ("embedding.weight", "embedding"),
+    ],
+)
+def test_a_nudged_weight_fails_naming_its_module(param, path):
+    def nudge(model):
+        # random, not uniform: a constant added to linear1.weight cancels against
+        # its input, a LayerNorm output with zero mean over features
+        weight = dict(model.named_parameters())[param]
+        with torch.no_grad():
+            weight.add_(
+                1e-2 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+            )
+
+    report = _compare(*_broken_pair(small_config(positional_embedding_type="standard"), nudge))
+    assert not report.ok
+    assert report.first_divergence == path
+    assert any(c.kind == "logits" and not c.ok for c in report.comparisons)
+
+
+def test_a_wrong_rotary_kernel_in_the_fast_path_fails_naming_the_rotary_module(monkeypatch):
+    from wmfast import fast as wf
+    from wmfast.models.transformer_functional import _torch_embedding_rotation, _torch_rotary_qk
+
+    def wrong_rotation(q, k, cos, sin):  # rotates by the negative angle
+        return _torch_rotary_qk(q, k, cos, -sin)
+
+    monkeypatch.setattr(
+        wf, "_rotary_functions", lambda impl: (wrong_rotation, _torch_embedding_rotation)
+    )
+    reference, candidate = _broken_pair(
+        small_config(positional_embedding_type="rotary_qk"), lambda m: None
+    )
+    report = _compare(reference, candidate)
+    assert not report.ok
+    assert report.first_divergence == "transformer_encoder.layers.0.self_attn.rotary"
+
+
+@pytest.mark.nnsight
+def test_a_wrong_rotary_module_on_the_traced_path_is_caught_by_the_path_walk():
+    from wmfast import functional as WF
+
+    def swap(model):
+        for layer in model.transformer_encoder.layers:
+            layer.self_attn.rotary.forward = lambda q, k, cos, sin: WF.rotary_qk(q, k, sin, cos)
+
+    reference, candidate = _broken_pair(small_config(positional_embedding_type="rotary_qk"), swap)
+    report = _compare(reference, candidate, paths=True)
+    assert not report.ok
+    assert report.first_divergence == "transformer_encoder.layers.0.self_attn.rotary"
+    failed = {c.path for c in report.failures()}
+    assert "transformer_encoder.layers.0.self_attn.rotary" in failed
+    assert all(c.ok for c in report.comparisons if c.kind == "logits")  # untraced path is fine
+
+
+def test_cli_exits_1_and_names_the_path(monkeypatch, capsys):
+    real = wc.build_pair
+
+    def broken_build_pair(config, run, variant, fast_options=None):
+        reference, candidate = real(config, run, variant, fast_options)
+        candidate = make_fast(copy.deepcopy(reference), compile="never")
+        with torch.no_grad():
+            candidate.transformer_encoder.layers[0].norm2.weight.mul_(1.01)
+        return reference, candidate
+
+    monkeypatch.setattr(wc, "build_pair", broken_build_pair)
+    config = small_config(positional_embedding_type="rotary")
+    code = _run_cli_on_config(config, ["--no-paths", "--no-speed"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "diverges first at transformer_encoder.layers.0.norm2" in out
+
+
+def _run_cli_on_config(config, extra, tmp_path=None):
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tmp_path or tempfile.mkdtemp())
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return main(["check", str(path), "--seq-len", "6", "--batch-size", "2", *extra])
+
+
+def test_check_on_a_run_directory_and_a_yaml_of_named_configs(tmp_path, capsys):
+    config = small_config(positional_embedding_type="rotary_qk")
+    save_run(tmp_path / "run", build_model(config), config)
+    assert main(["check", str(tmp_path / "run"), "--no-paths", "--no-speed", "--seq-len", "6"]) == 0
+    configs = {
+        "a": small_config(model_class="lstm").to_dict(),
+        "b": small_config(model_class="rnn", act_fn="tanh").to_dict(),
+    }
+    (tmp_path / "many.yaml").write_text(yaml.safe_dump(configs))
+    assert (
+        main(["check", str(tmp_path / "many.yaml"), "--no-paths", "--no-speed", "--seq-len", "6"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "run" in out and "a" in out and "all 2 models within tolerance" in out
+
+
+def test_check_with_the_users_inputs_and_autocast(tmp_path):
+    torch.save(random_ids(5, 50, 3, 7), tmp_path / "ids.pt")
+    report = wc.check_equivalence(
+        small_config(positional_embedding_type="standard"),
+        dtype="bf16",
+        input_ids=tmp_path / "ids.pt",
+        paths=False,
+        speed=False,
+        fast_options=None,
+        seq_len=5,
+    )
+    assert report.ok, [c for c in report.models[0].failures()]
+    names = [c.name for c in report.models[0].comparisons]
+    assert any(n.startswith("eval_no_grad/inputs/") for n in names)
+    assert report.models[0].comparisons[0].rtol == 2e-2  # autocast tolerance
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/nonexistent/run"], "no such config file or checkpoint directory"),
+        (["--device", "cuda"], "no CUDA device is available"),
+        (["--inputs", "/nonexistent/ids.pt"], "cannot read input ids"),
+        (["--seeds", "one,two"], "--seeds must be comma-separated integers"),
+    ],
+)
+def test_bad_input_exits_2_with_a_reason(args, message, capsys):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["check", "--no-speed", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_config_files_exit_2(tmp_path, capsys):
+    cases = {
+        "broken.yaml": "d_model: [unclosed",
+        "unknown.yaml": "d_vocab: 50\nnum_cells: 3\n",
+        "novocab.yaml": "model_class: lstm\n",
+        "scalar.yaml": "42\n",
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        assert main(["check", str(tmp_path / name), "--no-speed", "--no-paths"]) == 2, name
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "num_cells" in err and "no d_vocab" in err
+
+
+def test_empty_run_directory_exits_2(tmp_path, capsys):
+    assert main(["check", str(tmp_path), "--no-speed"]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err
+
+
+def test_missing_nnsight_exits_2_unless_no_paths(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nnsight" else real(name, *a)
+    )
+    assert main(["check", "--no-speed"]) == 2
+    assert "pip install 'wmfast[interp]'" in capsys.readouterr().err
