@@ -98,10 +98,11 @@ def render(report, console) -> None:
                 console.print(
                     f"  {c.name}: max abs {c.max_abs:.2e}, max rel {c.max_rel:.2e} (rtol {c.rtol}, atol {c.atol})"
                 )
-    if s["speed"]:
-        console.print(
-            "fwd/train: speedup of the candidate over the reference in this process (a slowdown is reported, not failed)"
-        )
+    console.print(
+        "errors: max abs over all checks (max rel in --json); paths: module paths walked with "
+        "nnsight; fwd/train: speedup over the reference in this process (a slowdown is "
+        "reported, not failed)"
+    )
 
 
 def _bad_input(reason: str) -> int:
@@ -116,7 +117,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from wmfast.check import CheckInputError, check_equivalence
     from wmfast.checkpoint import write_atomic
 
-    out, err = Console(), Console(stderr=True)
+    # a log file or a pipe gets rich's 80 columns by default: too narrow for the table
+    out = Console() if sys.stdout.isatty() else Console(width=160)
+    err = Console(stderr=True)
     # the progress display says when a first call compiles; the log line would
     # only break it up
     logging.getLogger("wmfast").setLevel(logging.ERROR)
