@@ -57,6 +57,7 @@ def test_training_config_defaults_match_workingmem():
         "do_test": True,
         "mask_answer_tokens": True,
         "freeze_embeddings": None,
+        "precision": "auto",  # wmfast's own field
     }
 
 

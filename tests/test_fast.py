@@ -290,6 +290,24 @@ def test_fast_survives_deepcopy_and_pickle(clone, caplog):
     assert "torch.compile may take" in caplog.text  # it says it (re)compiles
 
 
+def test_forward_hooks_make_the_fast_model_take_its_module_path(monkeypatch):
+    reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"))
+    runs = []
+    real_call = wf.FastRunner.__call__
+    monkeypatch.setattr(
+        wf.FastRunner, "__call__", lambda self, *a, **k: runs.append(1) or real_call(self, *a, **k)
+    )
+    seen = []
+    rotary = fast.transformer_encoder.layers[1].self_attn.rotary
+    handle = rotary.register_forward_hook(lambda m, a, out: seen.append(out[0].shape))
+    ids = random_ids(0, 50, 2, 5)
+    torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+    assert seen == [(2, 5, 4, 8)] and runs == []  # the hook fired: the module path ran
+    handle.remove()
+    fast(ids)
+    assert runs == [1]  # without hooks: the fast path again
+
+
 # -- dropout, determinism -------------------------------------------------------------
 
 

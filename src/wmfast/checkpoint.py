@@ -322,8 +322,13 @@ def save_run(
     write_atomic(weights, lambda f: torch.save(state, f))
     _write_yaml(run_dir / CONFIG_FILE, config.workingmem_dict())
     _write_yaml(run_dir / WMFAST_FILE, config.wmfast_dict())
-    _write_yaml(run_dir / HISTORY_FILE, _plain(list(history or [])))
+    save_history(run_dir, history)
     return weights
+
+
+def save_history(run_dir: str | os.PathLike, history: list | None) -> None:
+    """(Re)write history.yaml alone, e.g. after a final test."""
+    _write_yaml(Path(run_dir) / HISTORY_FILE, _plain(list(history or [])))
 
 
 def _plain(value: Any) -> Any:

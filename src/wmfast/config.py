@@ -234,12 +234,16 @@ class TrainingConfig:
     do_test: bool = True
     mask_answer_tokens: bool = True
     freeze_embeddings: bool | None = None
+    # --- wmfast's own fields ---
+    # "auto": fp16 autocast + GradScaler on CUDA (workingmem's choice), fp32 on CPU
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         _require_int("epochs", self.epochs, 0)
+        _require_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _require_choice("optimizer", self.optimizer, ("adamw",))
         for name in ("learning_rate", "weight_decay", "sparsity"):
             value = getattr(self, name)

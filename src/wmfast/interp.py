@@ -5,6 +5,9 @@
   compiled path (untraced) and their eager, every-submodule-called path
   (traced). It reads the state nnsight 0.8 installs on each wrapped module and
   never imports nnsight, so it costs a dict lookup on a model nnsight never saw.
+* ``hooks_registered(module)``: whether PyTorch forward hooks would be skipped
+  by the fast path (which calls no submodule); fast models then take their
+  module path too.
 * ``NNsight``: ``nnsight.NNsight`` plus batching of several invokes that each
   take a (B, T) token-id tensor, so clean and ablated runs share one trace.
   This replaces the guide's ``LanguageModel(model.model)``, which fails on
@@ -40,6 +43,19 @@ def trace_active(module: torch.nn.Module) -> bool:
         if interleaver is not None and interleaver.interleaving:
             return True
     return False
+
+
+def hooks_registered(module: torch.nn.Module) -> bool:
+    """True if a forward (pre-)hook is registered on ``module``'s submodules or
+    globally: the fast path calls no submodule, so a fast model takes its module
+    path then, and the hooks fire as on the reference."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module
+    )
 
 
 def _check_nnsight_version(version: str) -> None:

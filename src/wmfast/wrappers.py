@@ -3,8 +3,8 @@
 ``TransformerModelWrapper(config)``, ``RNNModelWrapper(config)`` and
 ``LSTMModelWrapper(config)`` hold ``.model`` (the nn.Module), ``.config``,
 ``.history`` and ``.device`` (cuda when present), and own checkpointing in
-workingmem's layout. The training loop (``train``/``evaluate``/``test``)
-arrives in a later version of wmfast.
+workingmem's layout and training (``train``/``evaluate``/``test``, in
+wmfast.training).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from wmfast import checkpoint
 from wmfast.build import DEFAULT_VARIANT, apply_variant, build_model, check_variant
-from wmfast.config import ConfigError, ModelConfig
+from wmfast.config import ConfigError, ModelConfig, TrainingConfig
 
 logger = logging.getLogger("wmfast")
 
@@ -107,21 +107,46 @@ class ModelWrapper:
             checkpoint_dir, self.model, self.config, self.history, epoch=epoch_num
         )
 
-    # The training loop is a later part of wmfast; say so instead of failing oddly.
-    def train(self, *args, **kwargs):
-        raise NotImplementedError(
-            "ModelWrapper.train is not available yet in this version of wmfast"
+    # -- training (wmfast.training) -------------------------------------------------
+    def train(
+        self,
+        dataset,
+        training_config: TrainingConfig,
+        eval_dataset=None,
+        test_dataset=None,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        log_to_wandb: bool = False,
+        on_step=None,
+    ) -> dict:
+        """Train on ``dataset`` as workingmem does (see wmfast.training); returns
+        the run's history entry. Checkpoints go to ``training_config.checkpoint_dir``."""
+        from wmfast import training
+
+        return training.train(
+            self, dataset, training_config, eval_dataset, test_dataset,
+            resume=resume, overwrite=overwrite, progress=progress, log_to_wandb=log_to_wandb,
+            on_step=on_step,
+        )  # fmt: skip
+
+    def evaluate(
+        self,
+        dataset,
+        batch_size: int = 128,
+        mask_answer_tokens: bool = True,
+        precision: str = "auto",
+    ) -> dict:
+        """{"loss", "acc", "macro_acc"} on ``dataset``."""
+        from wmfast import training
+
+        return training.evaluate(
+            self.model, dataset, self.device, batch_size, mask_answer_tokens, precision
         )
 
-    def evaluate(self, *args, **kwargs):
-        raise NotImplementedError(
-            "ModelWrapper.evaluate is not available yet in this version of wmfast"
-        )
-
-    def test(self, *args, **kwargs):
-        raise NotImplementedError(
-            "ModelWrapper.test is not available yet in this version of wmfast"
-        )
+    def test(self, dataset, mask_answer_tokens: bool = True) -> dict:
+        return self.evaluate(dataset, mask_answer_tokens=mask_answer_tokens)
 
 
 class TransformerModelWrapper(ModelWrapper):

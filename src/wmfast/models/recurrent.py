@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from wmfast.config import ModelConfig
-from wmfast.interp import trace_active
+from wmfast.interp import hooks_registered, trace_active
 from wmfast.models.inputs import check_input_ids
 
 
@@ -62,7 +62,7 @@ class _RecurrentModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_input_ids(input_ids, self.d_vocab, None, self.check_token_ids)
-        if self._fast is not None and not trace_active(self):
+        if self._fast is not None and not trace_active(self) and not hooks_registered(self):
             return self._fast(self, input_ids)
         return self.forward_modules(input_ids)
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from wmfast.config import ModelConfig
-from wmfast.interp import trace_active
+from wmfast.interp import hooks_registered, trace_active
 from wmfast.models.attention import RotarySelfAttention
 from wmfast.models.inputs import check_input_ids
 from wmfast.models.positional import (
@@ -171,7 +171,7 @@ class TransformerModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_input_ids(input_ids, self.d_vocab, self.n_ctx_limit, self.check_token_ids)
-        if self._fast is not None and not trace_active(self):
+        if self._fast is not None and not trace_active(self) and not hooks_registered(self):
             return self._fast(self, input_ids)
         return self.forward_modules(input_ids)
 

@@ -1,0 +1,1 @@
+"""Synthetic working-memory tasks (data generators for training and benchmarks)."""
