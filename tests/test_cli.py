@@ -41,3 +41,31 @@ def test_console_entry_point_runs():
         [sys.executable, "-m", "wmfast", "--version"], capture_output=True, text=True, check=True
     )
     assert result.stdout.startswith("wmfast ")
+
+
+def test_train_command_writes_a_run_and_resumes_it(tmp_path, capsys):
+    from wmfast import load_model
+
+    args = [
+        "train",
+        "--out",
+        str(tmp_path / "run"),
+        "--d-model",
+        "32",
+        "--trials",
+        "6",
+        "--n-train",
+        "64",
+        "--n-eval",
+        "16",
+        "--epochs",
+        "1",
+    ]
+    assert main(args) == 0
+    assert "trained transformer for 1 epochs" in capsys.readouterr().out
+    assert load_model(tmp_path / "run").config.d_vocab == 350
+    assert main(args) == 1  # a run is there: never silently overwritten
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*args[:-1], "2", "--resume"]) == 0
+    assert main([*args, "--n-heads", "5"]) == 2  # a bad config: exit 2
+    assert "divisible by n_heads" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     wmfast check [SOURCE]   the equivalence report (exit 0: all within tolerance,
                             1: a mismatch, 2: bad input)
+    wmfast train --out DIR  train a model on generated Store-Ignore-Recall data
     wmfast --version
 
 SOURCE is a ModelConfig YAML file (one config, a list, or name -> config), a
@@ -158,6 +159,56 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from wmfast import ModelConfig, ModelWrapper, TrainingConfig
+    from wmfast.config import ConfigError
+    from wmfast.tasks.sir import SIRConfig, SIRDataset
+    from wmfast.training import TrainingError
+
+    try:
+        task = dict(seq_len=args.trials, concurrent_reg=args.concurrent_reg, seed=args.seed)
+        train_set = SIRDataset(SIRConfig(n_sequences=args.n_train, **task))
+        eval_set = SIRDataset(SIRConfig(n_sequences=args.n_eval, **{**task, "seed": args.seed + 1}))
+        test_set = SIRDataset(SIRConfig(n_sequences=args.n_eval, **{**task, "seed": args.seed + 2}))
+        model_config = ModelConfig(
+            model_class=args.model_class,
+            positional_embedding_type=None if args.pe == "none" else args.pe,
+            d_model=args.d_model,
+            n_heads=args.n_heads,
+            n_layers=args.n_layers,
+            d_mlp=args.d_mlp,
+            d_hidden=args.d_hidden,
+            act_fn="tanh" if args.model_class == "rnn" else "relu",
+            d_vocab=train_set.config.vocab_size,
+            dropout=args.dropout,
+            seed=args.seed,
+        )
+        training_config = TrainingConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            checkpoint_dir=args.out,
+            seed=args.seed,
+            precision=args.precision,
+        )
+        wrapper = ModelWrapper(model_config, variant=args.variant)
+        entry = wrapper.train(
+            train_set, training_config, eval_dataset=eval_set, test_dataset=test_set,
+            resume=args.resume, overwrite=args.overwrite, progress=sys.stderr.isatty(),
+        )  # fmt: skip
+    except (ConfigError, ValueError) as exc:
+        print(f"wmfast train: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingError as exc:
+        print(f"wmfast train: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_MISMATCH
+    print(
+        f"trained {args.model_class} for {entry['epoch'] + 1} epochs: eval acc {entry['eval_acc']:.3f}, "
+        f"test acc {entry['test_acc']:.3f}; run directory {args.out}"
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wmfast import __version__
 
@@ -195,6 +246,34 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     check.add_argument("--json", default=None, help="write the full report as JSON here")
     check.set_defaults(func=_cmd_check)
+
+    train = sub.add_parser("train", help="train a model on generated Store-Ignore-Recall data")
+    train.add_argument("--out", required=True, help="run directory to write (workingmem's layout)")
+    train.add_argument(
+        "--model-class", default="transformer", choices=["transformer", "rnn", "lstm"]
+    )
+    train.add_argument(
+        "--pe", default="rotary_qk", choices=["standard", "rotary", "none", "rotary_qk"]
+    )
+    train.add_argument("--d-model", type=int, default=128)
+    train.add_argument("--n-heads", type=int, default=4)
+    train.add_argument("--n-layers", type=int, default=2)
+    train.add_argument("--d-mlp", type=int, default=0)
+    train.add_argument("--d-hidden", type=int, default=128)
+    train.add_argument("--dropout", type=float, default=0.0)
+    train.add_argument("--epochs", type=int, default=2)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=4e-4)
+    train.add_argument("--trials", type=int, default=50, help="trials per sequence (4 tokens each)")
+    train.add_argument("--concurrent-reg", type=int, default=2)
+    train.add_argument("--n-train", type=int, default=1024)
+    train.add_argument("--n-eval", type=int, default=128)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    train.add_argument("--variant", default="fast", choices=["fast", "reference"])
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 
