@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from collections.abc import Callable
 
 import torch
@@ -64,7 +65,9 @@ def time_it(
     benchmark.extra_info.update(info, calls_per_round=calls)
     if rounds is None:
         rounds = 20 if device.type == "cuda" else 3
-    one_round()  # warm-up outside the timed region
+    started = time.perf_counter()
+    one_round()  # warm-up outside the timed region: compiles happen here
+    benchmark.extra_info["first_round_s"] = time.perf_counter() - started
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1, iterations=1)
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
         return

@@ -1,0 +1,148 @@
+"""Model benchmarks: the reference, torch.compile(reference) and wmfast's fast
+variant, per model class and positional type, training step and no-grad forward.
+
+The training step is the real one: a Store-Ignore-Recall batch (answers every
+4th token, masked to 0 in the input), forward (under bf16 autocast, or fp32),
+cross-entropy at the answers from the preceding position's logits, backward,
+AdamW step. Groups: ``model/{direction}/{shape}/{dtype}/{model}``; the ratio
+that matters is fast vs reference within a group (same process, same run).
+
+Shapes. CUDA: "sir" (workingmem's defaults as its sweeps run them: B 256,
+T 800, d_model 512, 2 layers, 4 heads, vocab 350, d_mlp 0, dropout 0.1;
+RNN/LSTM d_model 512, d_hidden 256) and "small" (launch-bound: B 64, T 200,
+d_model 256). CPU: "cpu" (B 32, T 128, d_model 128, 4 heads, 2 layers, d_mlp
+512, dropout 0, fp32), or "tiny" under --benchmark-disable (CI's smoke run).
+On CUDA the bf16 training steps come first, so a run cut short still has them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from wmfast import ModelConfig, build_model
+from wmfast.fast import make_fast
+from wmfast.tasks.sir import SIRConfig, SIRDataset
+from wmfast.training import masked_loss, prepare_batch
+
+from .timing import time_it
+
+MODELS = [
+    "transformer/rotary_qk",
+    "transformer/rotary",
+    "transformer/standard",
+    "transformer/None",
+    "rnn",
+    "lstm",
+]
+IMPLS = ["reference", "torch_compile", "fast", "fast_cudagraphs"]
+
+# name: (batch, trials (x4 tokens), model fields)
+SHAPES = {
+    "sir": (256, 200, dict(d_model=512, n_heads=4, n_layers=2, d_mlp=0, dropout=0.1, d_hidden=256)),
+    "small": (64, 50, dict(d_model=256, n_heads=4, n_layers=2, d_mlp=0, dropout=0.1, d_hidden=256)),
+    "cpu": (32, 32, dict(d_model=128, n_heads=4, n_layers=2, d_mlp=512, dropout=0.0, d_hidden=128)),
+    "tiny": (2, 4, dict(d_model=16, n_heads=2, n_layers=1, d_mlp=8, dropout=0.0, d_hidden=16)),
+}
+
+
+def _cases():
+    if torch.cuda.is_available():
+        order = [
+            (direction, shape, dtype)
+            for dtype in ("bf16", "fp32")
+            for direction in ("train_step", "forward")
+            for shape in ("sir", "small")
+        ]
+    else:
+        order = [(direction, "cpu", "fp32") for direction in ("train_step", "forward")]
+    return [
+        pytest.param(
+            direction, shape, dtype, model, impl, id=f"{direction}-{shape}-{dtype}-{model}-{impl}"
+        )
+        for direction, shape, dtype in order
+        for model in MODELS
+        for impl in IMPLS
+    ]
+
+
+@pytest.fixture(scope="session")
+def smoke(request) -> bool:
+    return bool(request.config.getoption("benchmark_disable", False))
+
+
+def _config(model: str, fields: dict) -> ModelConfig:
+    cls, _, pe = model.partition("/")
+    return ModelConfig(
+        model_class=cls,
+        positional_embedding_type=None if pe in ("", "None") else pe,
+        act_fn="tanh" if cls == "rnn" else "relu",
+        d_vocab=350,
+        seed=0,
+        **fields,
+    )
+
+
+def _models(model: str, impl: str, fields: dict, device):
+    reference = build_model(_config(model, fields), variant="reference").to(device)
+    if impl == "reference":
+        return reference
+    if impl == "torch_compile":
+        return torch.compile(reference)  # the peer a user would try first: default settings
+    if impl == "fast":
+        return make_fast(reference)
+    return make_fast(reference, mode="reduce-overhead")
+
+
+@pytest.mark.parametrize("direction, shape, dtype, model, impl", _cases())
+def bench_model(benchmark, device, smoke, direction, shape, dtype, model, impl):
+    if impl == "fast_cudagraphs" and device.type != "cuda":
+        pytest.skip("CUDA graphs need CUDA")
+    shape = "tiny" if smoke and device.type == "cpu" else shape
+    batch_size, trials, fields = SHAPES[shape]
+    benchmark.group = f"model/{direction}/{shape}/{dtype}/{model}"
+    net = _models(model, impl, fields, device)
+    data = SIRDataset(SIRConfig(seq_len=trials, n_sequences=batch_size, seed=0))
+    raw = next(iter(torch.utils.data.DataLoader(data, batch_size=batch_size)))
+    batch = prepare_batch(raw, 350, mask_answer_tokens=True)
+    ids = batch.input_ids.to(device)
+    gpu_batch = copy.copy(batch)
+    gpu_batch.positions, gpu_batch.labels = batch.positions.to(device), batch.labels.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def train_step():
+        with autocast:
+            logits = net(ids)
+        loss, _ = masked_loss(logits, gpu_batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def forward():
+        with torch.no_grad(), autocast:
+            net(ids)
+
+    fn = train_step if direction == "train_step" else forward
+    net.train(direction == "train_step")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    time_it(
+        benchmark,
+        fn,
+        device,
+        rounds=20 if device.type == "cuda" else 8,
+        tokens_per_call=ids.numel(),
+        model=model,
+        impl=impl,
+        direction=direction,
+        shape=shape,
+        dtype=dtype,
+        batch=batch_size,
+        seq_len=ids.shape[1],
+        **fields,
+    )
+    if device.type == "cuda":
+        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)

@@ -1,0 +1,58 @@
+"""bench/report.py: speedups within a group, markdown, and both input formats."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from bench import report
+
+
+def _bench(name, group, impl, median, **info):
+    return {
+        "name": name,
+        "group": group,
+        "stats": {"median": median},
+        "extra_info": {"impl": impl, "device": "cpu", "torch": "2.13", **info},
+    }
+
+
+def test_speedups_are_taken_within_each_group(tmp_path):
+    data = {
+        "benchmarks": [
+            _bench("a", "model/train/cpu/fp32/x", "reference", 0.2),
+            _bench("b", "model/train/cpu/fp32/x", "fast", 0.1, peak_memory_bytes=2**21),
+            _bench(
+                "c",
+                "rotary_qk/fwd/tiny/float32",
+                "torch_eager",
+                0.004,
+                calls_per_round=2,
+                gb_per_s=5.0,
+            ),
+            _bench("d", "rotary_qk/fwd/tiny/float32", "wmfast_triton", 0.001, calls_per_round=2),
+        ]
+    }
+    (tmp_path / "run.json").write_text(json.dumps(data))
+    (tmp_path / "part.jsonl").write_text(
+        json.dumps(_bench("e", "model/train/cpu/fp32/x", "torch_compile", 0.4)) + "\n"
+    )
+    rows = {
+        (r["group"], r["impl"]): r
+        for r in report.rows(report.load([tmp_path / "run.json", tmp_path / "part.jsonl"]))
+    }
+    assert rows[("model/train/cpu/fp32/x", "fast")]["speedup"] == pytest.approx(2.0)
+    assert rows[("model/train/cpu/fp32/x", "torch_compile")]["speedup"] == pytest.approx(0.5)
+    assert rows[("rotary_qk/fwd/tiny/float32", "wmfast_triton")]["ms"] == pytest.approx(
+        0.5
+    )  # per call
+    assert rows[("rotary_qk/fwd/tiny/float32", "wmfast_triton")]["speedup"] == pytest.approx(4.0)
+    assert (
+        report.main([str(tmp_path / "run.json"), "--out", str(tmp_path / "out" / "summary")]) == 0
+    )
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "| model/train/cpu/fp32/x | fast | 100.000 | 2.00x |" in text and "| 2 |" in text
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "out" / "summary.png").stat().st_size > 1000
