@@ -34,6 +34,15 @@ from wmfast.kernels._triton import check_device, check_dtype, tl, triton
 MAX_HEAD_DIM = 256
 
 
+@triton.jit
+def _rotate_pairs(src, dst, src_half, dst_half, cos, sin, mask):
+    """Rotate the pairs (x1 at src, x2 at src + src_half) by (cos, sin) into dst; fp32 math."""
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + src_half, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + dst_half, (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["seq_len", "q_sb", "k_sb", "qo_sb", "ko_sb", "c_sb", "s_sb"])
 def _rotary_qk_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
@@ -62,21 +71,13 @@ def _rotary_qk_kernel(
     cos = cos[None, :]
     sin = sin[None, :]
 
-    # queries
+    # queries, then keys: the same angles
     src = q_ptr + b * q_sb + t * q_st + h[:, None] * q_sh + j[None, :] * q_sd
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF * q_sd, mask=mask, other=0.0).to(tl.float32)
     dst = qo_ptr + b * qo_sb + t * qo_st + h[:, None] * qo_sh + j[None, :] * qo_sd
-    tl.store(dst, (x1 * cos - x2 * sin).to(qo_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF * qo_sd, (x2 * cos + x1 * sin).to(qo_ptr.dtype.element_ty), mask=mask)
-
-    # keys: same angles
+    _rotate_pairs(src, dst, HALF * q_sd, HALF * qo_sd, cos, sin, mask)
     src = k_ptr + b * k_sb + t * k_st + h[:, None] * k_sh + j[None, :] * k_sd
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF * k_sd, mask=mask, other=0.0).to(tl.float32)
     dst = ko_ptr + b * ko_sb + t * ko_st + h[:, None] * ko_sh + j[None, :] * ko_sd
-    tl.store(dst, (x1 * cos - x2 * sin).to(ko_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF * ko_sd, (x2 * cos + x1 * sin).to(ko_ptr.dtype.element_ty), mask=mask)
+    _rotate_pairs(src, dst, HALF * k_sd, HALF * ko_sd, cos, sin, mask)
 
 
 @triton.jit(do_not_specialize=["seq_len", "x_sb", "o_sb", "c_sb", "s_sb"])

@@ -82,8 +82,12 @@ def test_loading_a_run_of_another_model_class_is_refused(tmp_path):
         TransformerModelWrapper.from_checkpoint_dir(tmp_path)
 
 
-def test_training_loop_is_announced_not_faked():
-    wrapper = TransformerModelWrapper(small_config())
-    for method in (wrapper.train, wrapper.evaluate, wrapper.test):
-        with pytest.raises(NotImplementedError, match="not available yet"):
-            method(None)
+def test_evaluate_and_test_report_workingmems_metrics():
+    from wmfast.tasks.sir import SIRDataset
+
+    wrapper = TransformerModelWrapper(small_config(d_vocab=350))
+    data = SIRDataset(seq_len=10, n_sequences=6)  # answers beyond the 4-answer warm-up
+    metrics = wrapper.evaluate(data)
+    assert set(metrics) == {"loss", "acc", "macro_acc"} and metrics["loss"] > 0
+    assert 0 <= metrics["acc"] <= 1
+    assert wrapper.test(data) == metrics

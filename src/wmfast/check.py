@@ -23,7 +23,6 @@ README.md; fields are only ever added within a version.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import importlib.util
 import os
@@ -40,7 +39,7 @@ from torch import nn
 from wmfast.build import VARIANTS, apply_variant, seed_like_workingmem
 from wmfast.checkpoint import CheckpointError, model_from_run, read_run
 from wmfast.config import ConfigError, ModelConfig
-from wmfast.fast import describe, is_fast
+from wmfast.fast import describe, is_fast, sharing_copy
 from wmfast.models import create_model
 
 SCHEMA = "wmfast.check/1"
@@ -220,9 +219,7 @@ def build_pair(
         reference = create_model(config.replace(from_pretrained=None))
     if variant == "reference":
         return reference, reference
-    shared = {id(t): t for t in (*reference.parameters(), *reference.buffers())}
-    candidate = copy.deepcopy(reference, memo=shared)
-    return reference, apply_variant(candidate, variant, fast_options)
+    return reference, apply_variant(sharing_copy(reference), variant, fast_options)
 
 
 # -- running models ----------------------------------------------------------------
@@ -316,21 +313,23 @@ def first_divergence(reference: nn.Module, candidate: nn.Module, input_ids, tol)
 # -- nnsight path walk ------------------------------------------------------------------
 
 
-def _envoy(root, path: str):
+def envoy_at(root, path: str):
+    """The nnsight envoy at a module path such as "transformer_encoder.layers.0"."""
     for part in path.split("."):
         root = root[int(part)] if part.isdigit() else getattr(root, part)
     return root
 
 
-def _trace_output(nm, path: str, input_ids):
+def trace_output(nm, path: str, input_ids):
     with nm.trace(input_ids):
-        saved = _envoy(nm, path).output.save()
+        saved = envoy_at(nm, path).output.save()
     return saved
 
 
-def _trace_ablation(nm, path: str, input_ids):
+def trace_ablation(nm, path: str, input_ids):
+    """The logits with the output at ``path`` zeroed (its first tensor, for tuples)."""
     with nm.trace(input_ids):
-        out = _envoy(nm, path).output
+        out = envoy_at(nm, path).output
         target = out[0] if isinstance(out, tuple) else out
         target[:] = 0
         logits = nm.output.save()
@@ -343,13 +342,13 @@ def walk_paths(report: ModelReport, reference, candidate, input_ids, tol, progre
     nm_ref, nm_cand = NNsight(reference), NNsight(candidate)
     for path in reached_paths(reference, input_ids):
         progress(f"{report.name}: nnsight {path}")
-        want = _first_tensor(_trace_output(nm_ref, path, input_ids))
-        got = _first_tensor(_trace_output(nm_cand, path, input_ids))
+        want = _first_tensor(trace_output(nm_ref, path, input_ids))
+        got = _first_tensor(trace_output(nm_cand, path, input_ids))
         report.comparisons.append(
             compare(f"paths/{path}/output", "activation", got, want, tol, path)
         )
-        want = _trace_ablation(nm_ref, path, input_ids)
-        got = _trace_ablation(nm_cand, path, input_ids)
+        want = trace_ablation(nm_ref, path, input_ids)
+        got = trace_ablation(nm_cand, path, input_ids)
         report.comparisons.append(
             compare(f"paths/{path}/ablation", "ablation", got, want, tol, path)
         )

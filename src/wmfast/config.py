@@ -60,6 +60,19 @@ def _require_seed(name: str, value: Any) -> None:
     )
 
 
+def _from_dict(cls, data: Any):
+    """``cls(**data)``, with unknown keys (and non-mappings) a ConfigError naming them."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {cls.__name__} must be a mapping; got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}"
+        )
+    return cls(**data)
+
+
 def _require_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be True or False; got {value!r}")
@@ -195,15 +208,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict; unknown keys are an error naming them."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"a model config must be a mapping; got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        return cls(**data)
+        return _from_dict(cls, data)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -269,10 +274,4 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown TrainingConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        return cls(**data)
+        return _from_dict(cls, data)

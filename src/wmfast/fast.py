@@ -206,6 +206,12 @@ def attach_fast(model: nn.Module, options: FastOptions | None = None) -> nn.Modu
     return model
 
 
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model``."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo=shared)
+
+
 def make_fast(
     model: nn.Module, options: FastOptions | None = None, **option_fields: Any
 ) -> nn.Module:
@@ -217,16 +223,12 @@ def make_fast(
     """
     if options is not None and option_fields:
         raise ValueError("pass either options=FastOptions(...) or its fields, not both")
-    options = options or FastOptions(**option_fields)
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    fast = copy.deepcopy(model, memo=shared)
-    return attach_fast(fast, options)
+    return attach_fast(sharing_copy(model), options or FastOptions(**option_fields))
 
 
 def make_reference(model: nn.Module) -> nn.Module:
     """The reference variant of a (fast) model, sharing its parameters and buffers."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    reference = copy.deepcopy(model, memo=shared)
+    reference = sharing_copy(model)
     reference._fast = None
     _set_rotary_impl(reference, "torch")
     return reference

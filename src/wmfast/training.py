@@ -64,6 +64,9 @@ class Batch:
     positions: torch.Tensor  # (A,) answer positions, shared by every row
     labels: torch.Tensor  # (B, A) answer tokens
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.positions.to(device), self.labels.to(device))
+
 
 def prepare_batch(batch: dict, d_vocab: int, mask_answer_tokens: bool) -> Batch:
     """Check a CPU batch and build the model input and labels (workingmem's _step)."""
@@ -143,7 +146,12 @@ def evaluate(
     mask_answer_tokens: bool = True,
     precision: str = "auto",
 ) -> dict[str, float]:
-    """{"loss", "acc", "macro_acc"} of ``model`` on ``dataset`` (no grad, eval mode)."""
+    """{"loss", "acc", "macro_acc"} of ``model`` on ``dataset`` (no grad, eval mode).
+
+    As in workingmem, "loss" is the mean of per-batch means (so it depends a
+    little on ``batch_size``), and "acc" counts only the answers after the
+    warm-up (NaN for sequences with no answer beyond it).
+    """
     model.eval()
     dtype = autocast_dtype(precision, device)
     losses, predictions, labels = [], [], []
@@ -153,7 +161,7 @@ def evaluate(
             batch = prepare_batch(raw, model.d_vocab, mask_answer_tokens)
             with _autocast(dtype, device):
                 logits = model(batch.input_ids.to(device, non_blocking=True))
-            loss, answer_logits = masked_loss(logits, _to(batch, device))
+            loss, answer_logits = masked_loss(logits, batch.to(device))
             losses.append(float(loss))
             predictions.append(answer_logits.argmax(-1).cpu())
             labels.append(batch.labels)
@@ -167,10 +175,6 @@ def evaluate(
         "acc": float(correct[:, warmup:].float().mean()),
         "macro_acc": float(correct.all(dim=1).float().mean()),
     }
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    return Batch(batch.input_ids.to(device), batch.positions.to(device), batch.labels.to(device))
 
 
 # -- training ------------------------------------------------------------------------------
@@ -325,7 +329,7 @@ def train(
                 started = time.perf_counter()
                 with _autocast(dtype, device):
                     logits = model(batch.input_ids.to(device, non_blocking=True))
-                loss, _ = masked_loss(logits, _to(batch, device), config.sparsity, generator)
+                loss, _ = masked_loss(logits, batch.to(device), config.sparsity, generator)
                 loss_value = float(
                     loss.detach()
                 )  # one sync per step: progress and the NaN guard need it

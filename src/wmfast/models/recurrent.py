@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from wmfast.config import ModelConfig
-from wmfast.interp import hooks_registered, trace_active
-from wmfast.models.inputs import check_input_ids
+from wmfast.models.base import WorkingMemoryModel
 
 
 class RNNCore(nn.Module):
@@ -38,9 +37,8 @@ class LSTMCore(nn.Module):
         return output
 
 
-class _RecurrentModel(nn.Module):
+class _RecurrentModel(WorkingMemoryModel):
     core_name: str  # "rnn_core" or "lstm_core"
-    _fast = None  # wmfast.fast.FastRunner on fast models
 
     def __init__(self, config: ModelConfig, make_core) -> None:
         super().__init__()
@@ -55,16 +53,6 @@ class _RecurrentModel(nn.Module):
         self.embedding = nn.Embedding(d_vocab, config.d_model)
         setattr(self, self.core_name, make_core(config))
         self.output_layer = nn.Linear(config.d_hidden, d_vocab)
-
-    @property
-    def variant(self) -> str:
-        return "reference" if self._fast is None else "fast"
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        check_input_ids(input_ids, self.d_vocab, None, self.check_token_ids)
-        if self._fast is not None and not trace_active(self) and not hooks_registered(self):
-            return self._fast(self, input_ids)
-        return self.forward_modules(input_ids)
 
     def forward_modules(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The path through every documented submodule (what nnsight traces)."""

@@ -21,9 +21,8 @@ import torch
 from torch import nn
 
 from wmfast.config import ModelConfig
-from wmfast.interp import hooks_registered, trace_active
 from wmfast.models.attention import RotarySelfAttention
-from wmfast.models.inputs import check_input_ids
+from wmfast.models.base import WorkingMemoryModel
 from wmfast.models.positional import (
     LearnedPositionalEmbedding,
     RotaryEmbeddingRotation,
@@ -115,14 +114,13 @@ def xavier_init_(module: nn.Module) -> None:
             nn.init.xavier_uniform_(param)
 
 
-class TransformerModel(nn.Module):
+class TransformerModel(WorkingMemoryModel):
     """forward(input_ids (B, T) int) -> logits (B, T, d_vocab).
 
     A reference model has ``_fast = None``; a fast model (wmfast.fast) holds a
-    runner there that computes the same function when no nnsight trace is active.
+    runner there that computes the same function when no nnsight trace is active
+    (see WorkingMemoryModel).
     """
-
-    _fast = None  # wmfast.fast.FastRunner on fast models
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -164,16 +162,6 @@ class TransformerModel(nn.Module):
     def n_ctx_limit(self) -> int | None:
         """The sequence-length limit, or None (only learned positions have one)."""
         return self.config.n_ctx if self.positional_embedding_type == "standard" else None
-
-    @property
-    def variant(self) -> str:
-        return "reference" if self._fast is None else "fast"
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        check_input_ids(input_ids, self.d_vocab, self.n_ctx_limit, self.check_token_ids)
-        if self._fast is not None and not trace_active(self) and not hooks_registered(self):
-            return self._fast(self, input_ids)
-        return self.forward_modules(input_ids)
 
     def forward_modules(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The path through every documented submodule (what nnsight traces)."""

@@ -1,0 +1,42 @@
+"""What every root model shares: the input check and the variant dispatch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wmfast.interp import hooks_registered, trace_active
+from wmfast.models.inputs import check_input_ids
+
+
+class WorkingMemoryModel(nn.Module):
+    """Base of TransformerModel, RNNModel and LSTMModel.
+
+    forward checks the input (wmfast.models.inputs), then runs the fast
+    variant's runner (``_fast``, set on fast models by wmfast.fast) unless an
+    nnsight trace runs through the model or forward hooks are registered on its
+    submodules; otherwise ``forward_modules``, the path through every
+    documented submodule.
+    """
+
+    _fast = None  # wmfast.fast.FastRunner on fast models
+    d_vocab: int
+    check_token_ids: bool  # the token-id range check (a device sync on CUDA)
+
+    @property
+    def variant(self) -> str:
+        return "reference" if self._fast is None else "fast"
+
+    @property
+    def n_ctx_limit(self) -> int | None:
+        """The longest sequence the model takes, or None for no limit."""
+        return None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        check_input_ids(input_ids, self.d_vocab, self.n_ctx_limit, self.check_token_ids)
+        if self._fast is not None and not trace_active(self) and not hooks_registered(self):
+            return self._fast(self, input_ids)
+        return self.forward_modules(input_ids)
+
+    def forward_modules(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
