@@ -69,3 +69,8 @@ def reference_model(config: ModelConfig) -> torch.nn.Module:
     from wmfast import build_model
 
     return build_model(config, variant="reference")
+
+
+# Devices the fast-vs-reference property tests run on: the CPU always, CUDA too
+# when present (so a GPU machine runs the same suite on the CUDA fast path).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -27,6 +27,7 @@ from wmfast.fast import FastOptions, describe, make_fast, make_reference
 
 from .helpers import (
     AUTOCAST_LOGITS,
+    DEVICES,
     FP32_GRADS,
     FP32_LOGITS,
     POSITIONAL_TYPES,
@@ -78,8 +79,8 @@ def model_configs(draw, transformer_only=False):
 shapes = st.tuples(st.integers(1, 3), st.sampled_from([1, 2, 5, 9, 16]))
 
 
-def _pair(config, **options):
-    reference = build_model(config, variant="reference")
+def _pair(config, device="cpu", **options):
+    reference = build_model(config, variant="reference").to(device)
     return reference, make_fast(reference, **options)
 
 
@@ -92,12 +93,13 @@ def assert_same_function(reference, fast, ids, *, train=False, check_grads=True)
     """Logits and every parameter gradient of ``fast`` match ``reference``."""
     reference.train(train)
     fast.train(train)
+    ids = ids.to(next(reference.parameters()).device)
     want = reference(ids)
     got = fast(ids)
     torch.testing.assert_close(got, want, **FP32_LOGITS)
     if not check_grads:
         return
-    weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(7))
+    weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(7)).to(want.device)
     names = [n for n, p in reference.named_parameters() if p.requires_grad]
     for name, g_ref, g_fast in zip(
         names, _grads(reference, want, weight), _grads(fast, got, weight), strict=True
@@ -108,27 +110,32 @@ def assert_same_function(reference, fast, ids, *, train=False, check_grads=True)
         torch.testing.assert_close(g_fast, g_ref, **FP32_GRADS, msg=lambda m, n=name: f"{n}: {m}")
 
 
-# -- the uncompiled path (grad enabled on CPU) ------------------------------------------
+# -- the uncompiled path: drawn configs ----------------------------------------------
+# compile="never": the functional path without a compile per draw (on CPU with
+# grad enabled the rule compiles nothing anyway); on CUDA it runs the Triton
+# rotary kernels eagerly.
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(model_configs(), shapes, st.integers(0, 2**31 - 1))
-def test_fast_equals_reference_eval_with_grad(config, shape, seed):
-    reference, fast = _pair(config)
+def test_fast_equals_reference_eval_with_grad(device, config, shape, seed):
+    reference, fast = _pair(config, device, compile="never")
     assert_same_function(reference, fast, random_ids(seed, config.d_vocab, *shape))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(model_configs(), shapes, st.integers(0, 2**31 - 1))
-def test_fast_equals_reference_train_without_dropout(config, shape, seed):
-    reference, fast = _pair(config.replace(dropout=0.0))
+def test_fast_equals_reference_train_without_dropout(device, config, shape, seed):
+    reference, fast = _pair(config.replace(dropout=0.0), device, compile="never")
     assert_same_function(reference, fast, random_ids(seed, config.d_vocab, *shape), train=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(model_configs(transformer_only=True), shapes, st.integers(0, 2**31 - 1))
-def test_fast_equals_reference_under_no_grad_uncompiled(config, shape, seed):
-    # the reference takes PyTorch's fused encoder path here; compile="never" keeps
-    # the fast model on its functional path without paying a compile per draw
-    reference, fast = _pair(config, compile="never")
-    ids = random_ids(seed, config.d_vocab, *shape)
+def test_fast_equals_reference_under_no_grad_uncompiled(device, config, shape, seed):
+    # the reference takes PyTorch's fused encoder path here
+    reference, fast = _pair(config, device, compile="never")
+    ids = random_ids(seed, config.d_vocab, *shape).to(device)
     reference.eval(), fast.eval()
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
@@ -175,26 +182,36 @@ COMPILED_CONFIGS["lstm"] = small_config(model_class="lstm")
 
 @pytest.fixture(scope="module")
 def compiled_pairs():
-    """One reference/fast pair per config for the whole module: one compile each."""
-    return {name: _pair(config) for name, config in COMPILED_CONFIGS.items()}
+    """One reference/fast pair per (device, config) for the whole module: one compile each."""
+    pairs = {}
+
+    def get(device, name):
+        if (device, name) not in pairs:
+            pairs[device, name] = _pair(COMPILED_CONFIGS[name], device)
+        return pairs[device, name]
+
+    return get
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(COMPILED_CONFIGS))
 @given(seed=st.integers(0, 2**31 - 1))
-def test_compiled_fast_equals_reference_no_grad(compiled_pairs, name, seed):
-    reference, fast = compiled_pairs[name]
+def test_compiled_fast_equals_reference_no_grad(compiled_pairs, device, name, seed):
+    reference, fast = compiled_pairs(device, name)
     reference.eval(), fast.eval()
-    ids = random_ids(seed, 50, 2, 9)  # one shape: one graph per config
+    ids = random_ids(seed, 50, 2, 9).to(device)  # one shape: one graph per config
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
     if name.startswith("transformer"):
         assert describe(fast)["compiled_no_grad"] is True
 
 
-def test_compile_always_trains_like_the_reference(compiled_pairs):
-    # the CPU rule does not compile the training step; "always" does: same function
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_always_trains_like_the_reference(device):
+    # the CPU rule does not compile the training step; "always" does (CUDA's rule
+    # too): the same function
     config = small_config(positional_embedding_type="rotary_qk", dropout=0.0)
-    reference, fast = _pair(config, compile="always")
+    reference, fast = _pair(config, device, compile="always")
     assert_same_function(reference, fast, random_ids(3, 50, 2, 9), train=True)
 
 
