@@ -253,6 +253,11 @@ def test_make_fast_shares_parameters_and_buffers():
     assert back.variant == "reference" and back.embedding.weight is fast.embedding.weight
 
 
+def test_make_fast_refuses_a_model_it_cannot_speed_up():
+    with pytest.raises(TypeError, match="wmfast.load_model"):
+        make_fast(torch.nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize("direction", ["fast_to_reference", "reference_to_fast"])
 def test_checkpoints_load_strictly_both_ways(tmp_path, direction):
     from wmfast import load_model, save_run

@@ -34,6 +34,7 @@ from torch import nn
 
 from wmfast import backends
 from wmfast.attention_backends import CAUSAL_ATTENTION
+from wmfast.models.base import WorkingMemoryModel
 from wmfast.models.transformer import TransformerModel
 from wmfast.models.transformer_functional import (
     _torch_embedding_rotation,
@@ -221,6 +222,12 @@ def make_fast(
     itself stays as it was (a reference model stays the reference).
     ``option_fields`` are FastOptions fields, e.g. ``make_fast(m, mode="reduce-overhead")``.
     """
+    if not isinstance(model, WorkingMemoryModel):
+        raise TypeError(
+            f"make_fast takes a wmfast model (TransformerModel, RNNModel, LSTMModel); got "
+            f"{type(model).__name__}. Load a workingmem run with wmfast.load_model(run_dir) or "
+            f"ModelWrapper.from_checkpoint_dir(run_dir): they read workingmem's layout."
+        )
     if options is not None and option_fields:
         raise ValueError("pass either options=FastOptions(...) or its fields, not both")
     return attach_fast(sharing_copy(model), options or FastOptions(**option_fields))
