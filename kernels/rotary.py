@@ -35,6 +35,16 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def _load_angles(cos_row, sin_row, j, c_sd, s_sd, mask, CONJ: tl.constexpr):
+    """One row of the cos/sin tables in fp32; the negative angle when CONJ (backward)."""
+    cos = tl.load(cos_row + j * c_sd, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_row + j * s_sd, mask=mask, other=0.0).to(tl.float32)
+    if CONJ:
+        sin = -sin
+    return cos, sin
+
+
+@triton.jit
 def _rotate_pairs(src, dst, src_half, dst_half, cos, sin, mask):
     """Rotate the pairs (x1 at src, x2 at src + src_half) by (cos, sin) into dst; fp32 math."""
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
@@ -64,10 +74,9 @@ def _rotary_qk_kernel(
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (h < n_heads)[:, None] & j_ok[None, :]
 
-    cos = tl.load(cos_ptr + b * c_sb + t * c_st + j * c_sd, mask=j_ok, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + b * s_sb + t * s_st + j * s_sd, mask=j_ok, other=0.0).to(tl.float32)
-    if CONJ:
-        sin = -sin
+    cos, sin = _load_angles(
+        cos_ptr + b * c_sb + t * c_st, sin_ptr + b * s_sb + t * s_st, j, c_sd, s_sd, j_ok, CONJ
+    )
     cos = cos[None, :]
     sin = sin[None, :]
 
@@ -96,10 +105,9 @@ def _embedding_rotation_kernel(
     j = tl.arange(0, BLOCK_HALF)
     ok = j < HALF
 
-    cos = tl.load(cos_ptr + b * c_sb + t * c_st + j * c_sd, mask=ok, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + b * s_sb + t * s_st + j * s_sd, mask=ok, other=0.0).to(tl.float32)
-    if CONJ:
-        sin = -sin
+    cos, sin = _load_angles(
+        cos_ptr + b * c_sb + t * c_st, sin_ptr + b * s_sb + t * s_st, j, c_sd, s_sd, ok, CONJ
+    )
 
     src = x_ptr + b * x_sb + t * x_st + j * x_sd
     x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32) * scale

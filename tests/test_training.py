@@ -14,24 +14,15 @@ from wmfast import training as T
 from wmfast.tasks import sir
 from wmfast.tasks.sir import SIRDataset
 
-from .helpers import FP32_GRADS
+from .helpers import FP32_GRADS, small_config
 
 TRAIN = SIRDataset(seq_len=8, n_sequences=96, seed=0)
 VAL = SIRDataset(seq_len=8, n_sequences=32, seed=1)
 
 
 def _config(**changes) -> ModelConfig:
-    base = dict(
-        d_model=32,
-        n_heads=4,
-        n_layers=2,
-        d_mlp=64,
-        d_vocab=350,
-        dropout=0.0,
-        seed=0,
-        positional_embedding_type="rotary_qk",
-    )
-    return ModelConfig(**{**base, **changes})
+    fields = dict(d_vocab=350, d_mlp=64, positional_embedding_type="rotary_qk")
+    return small_config(**{**fields, **changes})
 
 
 def _training(tmp_path, **changes) -> TrainingConfig:
