@@ -41,6 +41,7 @@ from wmfast.checkpoint import CheckpointError, model_from_run, read_run
 from wmfast.config import ConfigError, ModelConfig
 from wmfast.fast import describe, is_fast, sharing_copy
 from wmfast.models import create_model
+from wmfast.training import AUTOCAST_DTYPES, autocast
 
 SCHEMA = "wmfast.check/1"
 
@@ -51,7 +52,6 @@ TOLERANCES = {
     "fp32": {"logits": (1e-5, 1e-5), "grads": (1e-4, 1e-5), "paths": (1e-5, 1e-5)},
     "autocast": {"logits": (2e-2, 2e-2), "grads": (2e-2, 2e-2), "paths": (2e-2, 2e-2)},
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # the built-in default models: every model class and positional type, small
 DEFAULT_SIZE = dict(d_vocab=64, d_model=64, n_heads=4, n_layers=2, d_mlp=128, dropout=0.0)
@@ -245,9 +245,7 @@ def dropout_off(*models: nn.Module) -> Iterator[None]:
 
 
 def _autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
+    return autocast(AUTOCAST_DTYPES[dtype], device)
 
 
 def _param_grads(
@@ -531,8 +529,8 @@ def check_equivalence(
     """
     if variant not in VARIANTS:
         raise CheckInputError(f"variant must be one of {list(VARIANTS)}; got {variant!r}")
-    if dtype not in DTYPES:
-        raise CheckInputError(f"dtype must be one of {list(DTYPES)}; got {dtype!r}")
+    if dtype not in AUTOCAST_DTYPES:
+        raise CheckInputError(f"dtype must be one of {list(AUTOCAST_DTYPES)}; got {dtype!r}")
     if batch_size < 1 or seq_len < 1:
         raise CheckInputError("batch size and sequence length must be >= 1")
     dev = torch.device(device)

@@ -112,13 +112,18 @@ def _warmup_answers(dataset) -> int:
 # -- precision -------------------------------------------------------------------------
 
 
+# precision name -> autocast dtype (None: no autocast, fp32)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return AUTOCAST_DTYPES[precision]
 
 
-def _autocast(dtype: torch.dtype | None, device: torch.device):
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """torch.autocast to ``dtype`` on ``device``, or nothing for None (fp32)."""
     return (
         torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     )
@@ -159,7 +164,7 @@ def evaluate(
     with torch.no_grad(), _range_check_off(model):
         for raw in loader:
             batch = prepare_batch(raw, model.d_vocab, mask_answer_tokens)
-            with _autocast(dtype, device):
+            with autocast(dtype, device):
                 logits = model(batch.input_ids.to(device, non_blocking=True))
             loss, answer_logits = masked_loss(logits, batch.to(device))
             losses.append(float(loss))
@@ -327,7 +332,7 @@ def train(
                     break
                 batch = prepare_batch(raw, model.d_vocab, config.mask_answer_tokens)
                 started = time.perf_counter()
-                with _autocast(dtype, device):
+                with autocast(dtype, device):
                     logits = model(batch.input_ids.to(device, non_blocking=True))
                 loss, _ = masked_loss(logits, batch.to(device), config.sparsity, generator)
                 loss_value = float(
