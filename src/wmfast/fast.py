@@ -38,11 +38,11 @@ from wmfast.models.base import WorkingMemoryModel
 from wmfast.models.transformer import TransformerModel
 from wmfast.models.transformer_functional import (
     _torch_embedding_rotation,
-    _torch_rotary_qk,
     gather_weights,
     statics_of,
     transformer_forward,
 )
+from wmfast.ops import rotary_eager
 
 logger = logging.getLogger("wmfast")
 
@@ -108,7 +108,7 @@ def _rotary_functions(impl: str) -> tuple[Callable, Callable]:
         from wmfast.ops import rotary as ops  # imports triton: only when picked
 
         return ops.rotary_qk, ops.embedding_rotation
-    return _torch_rotary_qk, _torch_embedding_rotation
+    return rotary_eager.rotary_qk, _torch_embedding_rotation
 
 
 def _compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:

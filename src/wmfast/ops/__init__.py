@@ -1,5 +1,6 @@
-"""torch ops backed by wmfast's Triton kernels.
+"""torch ops for the fast path.
 
-Import the submodules explicitly (``wmfast.ops.rotary``): they import triton,
-which the rest of wmfast never does at import time.
+``wmfast.ops.rotary`` wraps wmfast's Triton kernels; import it explicitly: it
+imports triton, which the rest of wmfast never does at import time.
+``wmfast.ops.rotary_eager`` is the same RoPE in few eager PyTorch kernels.
 """
