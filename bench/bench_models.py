@@ -94,6 +94,31 @@ def _models(model: str, impl: str, fields: dict, device):
     return make_fast(reference, mode="reduce-overhead")
 
 
+def sir_batch(batch_size: int, trials: int, device: torch.device):
+    """One Store-Ignore-Recall batch, answers masked in the input."""
+    data = SIRDataset(SIRConfig(seq_len=trials, n_sequences=batch_size, seed=0))
+    raw = next(iter(torch.utils.data.DataLoader(data, batch_size=batch_size)))
+    return prepare_batch(raw, 350, mask_answer_tokens=True).to(device)
+
+
+def training_step(net, batch, dtype: str):
+    """The training step: forward (bf16 autocast or fp32), CE at the answers,
+    backward, AdamW step."""
+    device = batch.input_ids.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def train_step():
+        with autocast:
+            logits = net(batch.input_ids)
+        loss, _ = masked_loss(logits, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train_step
+
+
 @pytest.mark.parametrize("direction, shape, dtype, model, impl", _cases())
 def bench_model(benchmark, device, smoke, direction, shape, dtype, model, impl):
     if impl == "fast_cudagraphs" and device.type != "cuda":
@@ -102,27 +127,15 @@ def bench_model(benchmark, device, smoke, direction, shape, dtype, model, impl):
     batch_size, trials, fields = SHAPES[shape]
     benchmark.group = f"model/{direction}/{shape}/{dtype}/{model}"
     net = _models(model, impl, fields, device)
-    data = SIRDataset(SIRConfig(seq_len=trials, n_sequences=batch_size, seed=0))
-    raw = next(iter(torch.utils.data.DataLoader(data, batch_size=batch_size)))
-    batch = prepare_batch(raw, 350, mask_answer_tokens=True)
-    batch = batch.to(device)
+    batch = sir_batch(batch_size, trials, device)
     ids = batch.input_ids
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-
-    def train_step():
-        with autocast:
-            logits = net(ids)
-        loss, _ = masked_loss(logits, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     def forward():
         with torch.no_grad(), autocast:
             net(ids)
 
-    fn = train_step if direction == "train_step" else forward
+    fn = training_step(net, batch, dtype) if direction == "train_step" else forward
     net.train(direction == "train_step")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -6,7 +6,9 @@ Reads pytest-benchmark JSON (``--benchmark-json``) or the JSONL that
 ``WMFAST_BENCH_PARTIAL`` writes. Within each group the first implementation
 named ``reference`` (models) or ``torch_eager`` (kernels) is the baseline;
 every row shows its median, its speedup over that baseline (measured in the
-same run), and GB/s, tokens/s and peak memory where recorded. Writes
+same run), and GB/s, tokens/s and peak memory where recorded (the
+determinism groups have only ``fast`` and ``fast_deterministic``: ``fast`` is
+their baseline, and their notes say whether reruns were bitwise). Writes
 ``NAME.md`` and, when matplotlib is installed, ``NAME.png`` (speedup per
 case; pip install matplotlib).
 """
@@ -18,11 +20,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-BASELINES = ("reference", "torch_eager")
+BASELINES = ("reference", "torch_eager", "fast")  # per group, the first of these present
 
 
 def load(paths: list[Path]) -> list[dict]:
-    """Records {name, group, extra_info, stats: {median, ...}} from JSON or JSONL."""
+    """Records {name, group, extra_info, stats: {median, ...}} from JSON or JSONL.
+
+    A result found twice (in a run's JSON and in its partial JSONL) counts once.
+    """
     records = []
     for path in paths:
         text = path.read_text(encoding="utf-8")
@@ -38,7 +43,14 @@ def load(paths: list[Path]) -> list[dict]:
                         "stats": bench["stats"],
                     }
                 )
-    return records
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for record in records:
+        key = (record["group"], record["name"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(record)
+    return unique
 
 
 def per_call(record: dict) -> float:
@@ -55,7 +67,8 @@ def rows(records: list[dict]) -> list[dict]:
     out = []
     for group in sorted(groups):
         members = groups[group]
-        baseline = next((m for m in members if m["extra_info"].get("impl") in BASELINES), None)
+        impls = [m["extra_info"].get("impl") for m in members]
+        baseline = next((members[impls.index(b)] for b in BASELINES if b in impls), None)
         for m in members:
             info = m["extra_info"]
             seconds = per_call(m)
@@ -69,9 +82,17 @@ def rows(records: list[dict]) -> list[dict]:
                     tokens=info.get("tokens_per_s"),
                     memory=info.get("peak_memory_bytes"),
                     first_round=info.get("first_round_s"),
+                    baseline=m is baseline,
+                    notes=_notes(info),
                 )
             )
     return out
+
+
+def _notes(info: dict) -> str:
+    if "rerun_bitwise" not in info:
+        return ""
+    return "reruns bitwise" if info["rerun_bitwise"] else "reruns differ"
 
 
 def markdown(table: list[dict], environment: dict) -> str:
@@ -79,8 +100,8 @@ def markdown(table: list[dict], environment: dict) -> str:
     lines = [
         f"Environment: {head}",
         "",
-        "| group | impl | median ms | speedup | GB/s | tokens/s | peak MiB | first round s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| group | impl | median ms | speedup | GB/s | tokens/s | peak MiB | first round s | notes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
 
     def fmt(value, spec):
@@ -90,7 +111,7 @@ def markdown(table: list[dict], environment: dict) -> str:
         lines.append(
             f"| {r['group']} | {r['impl']} | {r['ms']:.3f} | {fmt(r['speedup'], '.2f')}x | {fmt(r['gbps'], '.0f')} "
             f"| {fmt(r['tokens'], ',.0f')} | {fmt(r['memory'] and r['memory'] / 2**20, '.0f')} "
-            f"| {fmt(r['first_round'], '.1f')} |"
+            f"| {fmt(r['first_round'], '.1f')} | {r['notes']} |"
         )
     return "\n".join(lines).replace("| x |", "| |") + "\n"
 
@@ -103,7 +124,7 @@ def plot(table: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    shown = [r for r in table if r["speedup"] is not None and r["impl"] not in BASELINES]
+    shown = [r for r in table if r["speedup"] is not None and not r["baseline"]]
     if not shown:
         return False
     labels = [f"{r['group']} · {r['impl']}" for r in shown]

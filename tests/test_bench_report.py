@@ -56,3 +56,31 @@ def test_speedups_are_taken_within_each_group(tmp_path):
     assert "| model/train/cpu/fp32/x | fast | 100.000 | 2.00x |" in text and "| 2 |" in text
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "out" / "summary.png").stat().st_size > 1000
+
+
+def test_reference_is_the_baseline_wherever_it_is_listed_and_fast_where_it_is_absent(tmp_path):
+    data = {
+        "benchmarks": [
+            _bench("a", "model/train/cpu/fp32/x", "fast", 0.1),
+            _bench("b", "model/train/cpu/fp32/x", "reference", 0.3),
+            _bench("c", "determinism/train/x", "fast_deterministic", 0.2, rerun_bitwise=True),
+            _bench("d", "determinism/train/x", "fast", 0.1, rerun_bitwise=False),
+        ]
+    }
+    (tmp_path / "run.json").write_text(json.dumps(data))
+    rows = {(r["group"], r["impl"]): r for r in report.rows(report.load([tmp_path / "run.json"]))}
+    assert rows[("model/train/cpu/fp32/x", "fast")]["speedup"] == pytest.approx(3.0)
+    assert rows[("model/train/cpu/fp32/x", "reference")]["baseline"]
+    assert rows[("determinism/train/x", "fast_deterministic")]["speedup"] == pytest.approx(0.5)
+    assert rows[("determinism/train/x", "fast_deterministic")]["notes"] == "reruns bitwise"
+    assert rows[("determinism/train/x", "fast")]["notes"] == "reruns differ"
+
+
+def test_a_result_in_both_the_json_and_the_partial_jsonl_counts_once(tmp_path):
+    first = _bench("a", "model/train/cpu/fp32/x", "reference", 0.2)
+    (tmp_path / "run.json").write_text(json.dumps({"benchmarks": [first]}))
+    (tmp_path / "part.jsonl").write_text(
+        json.dumps(first) + "\n" + json.dumps(_bench("b", "model/train/cpu/fp32/x", "fast", 0.1))
+    )
+    records = report.load([tmp_path / "run.json", tmp_path / "part.jsonl"])
+    assert [r["name"] for r in records] == ["a", "b"]

@@ -357,19 +357,35 @@ def test_dropout_in_train_mode_keeps_the_references_distribution():
     assert (fast_draws - eval_logits).abs().amax(0).mean() > 0.1  # dropout is active
 
 
-def test_cpu_training_reruns_are_bitwise_reproducible():
-    def run():
-        torch.manual_seed(11)
-        model = build_model(small_config(positional_embedding_type="rotary_qk", dropout=0.1))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for step in range(3):
-            loss = model.train()(random_ids(step, 50, 2, 9)).square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        return [p.detach().clone() for p in model.parameters()]
+def _weights_after_training(device: str) -> list[torch.Tensor]:
+    torch.manual_seed(11)
+    config = small_config(positional_embedding_type="rotary_qk", dropout=0.1)
+    model = build_model(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(3):
+        loss = model.train()(random_ids(step, 50, 2, 9).to(device)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
 
-    for a, b in zip(run(), run(), strict=True):
+
+def test_cpu_training_reruns_are_bitwise_reproducible():
+    first, second = _weights_after_training("cpu"), _weights_after_training("cpu")
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_training_reruns_are_bitwise_in_deterministic_mode():
+    import wmfast
+
+    try:
+        wmfast.set_deterministic(True)
+        first, second = _weights_after_training("cuda"), _weights_after_training("cuda")
+    finally:
+        wmfast.set_deterministic(False)
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
