@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -78,3 +79,24 @@ def time_it(
         benchmark.extra_info["gb_per_s"] = bytes_per_call / per_call / 1e9
     if tokens_per_call:
         benchmark.extra_info["tokens_per_s"] = tokens_per_call / per_call
+
+
+def alternating_speedup(
+    baseline: Callable[[], object],
+    candidate: Callable[[], object],
+    device: torch.device,
+    rounds: int,
+) -> float:
+    """median time of ``baseline`` / median time of ``candidate``, the two called
+    in turn (each warmed up first), so slow spells of the machine hit both."""
+    baseline_times, candidate_times = [], []
+    for fn in (baseline, candidate):
+        fn()
+    synchronize(device)
+    for _ in range(rounds):
+        for fn, times in ((baseline, baseline_times), (candidate, candidate_times)):
+            started = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+    return statistics.median(baseline_times) / statistics.median(candidate_times)

@@ -84,3 +84,17 @@ def test_a_result_in_both_the_json_and_the_partial_jsonl_counts_once(tmp_path):
     )
     records = report.load([tmp_path / "run.json", tmp_path / "part.jsonl"])
     assert [r["name"] for r in records] == ["a", "b"]
+
+
+def test_alternating_speedups_get_their_own_column(tmp_path):
+    data = {
+        "benchmarks": [
+            _bench("a", "model/train/cpu/fp32/x", "reference", 0.2),
+            _bench("b", "model/train/cpu/fp32/x", "fast", 0.25, alternating_speedup=1.1),
+        ]
+    }
+    (tmp_path / "run.json").write_text(json.dumps(data))
+    assert report.main([str(tmp_path / "run.json"), "--out", str(tmp_path / "summary")]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "| fast | 250.000 | 0.80x | 1.10x |" in text
+    assert "| reference | 200.000 | 1.00x |  |" in text

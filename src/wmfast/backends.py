@@ -9,7 +9,8 @@ report what the rules picked.
 choice         rule for "auto"
 =============  ===========================================================
 rotary         "triton" on CUDA tensors when triton is installed, else
-               "torch" (the same math in PyTorch; on CPU the Triton
+               "torch" (the same math in PyTorch, in few kernels when not
+               compiled: wmfast.ops.rotary_eager; on CPU the Triton
                interpreter would be far slower than PyTorch)
 attention      "flash_attn" on CUDA with fp16/bf16 inputs when the
                flash-attn package is installed, else "sdpa"
