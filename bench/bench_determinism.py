@@ -57,8 +57,7 @@ def deterministic_mode(request):
     "deterministic_mode", [False, True], indirect=True, ids=["default", "deterministic"]
 )
 @pytest.mark.parametrize("model", MODELS)
-def bench_determinism(benchmark, device, request, model, deterministic_mode):
-    smoke = bool(request.config.getoption("benchmark_disable", False))
+def bench_determinism(benchmark, device, smoke, model, deterministic_mode):
     shape, dtype = _shape(device, smoke)
     batch_size, trials, fields = SHAPES[shape]
     benchmark.group = f"determinism/train_step/{shape}/{dtype}/{model}"

@@ -66,11 +66,6 @@ def _cases():
     ]
 
 
-@pytest.fixture(scope="session")
-def smoke(request) -> bool:
-    return bool(request.config.getoption("benchmark_disable", False))
-
-
 def _config(model: str, fields: dict) -> ModelConfig:
     cls, _, pe = model.partition("/")
     return ModelConfig(

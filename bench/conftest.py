@@ -21,6 +21,12 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture(scope="session")
+def smoke(request) -> bool:
+    """True under --benchmark-disable (CI): run every benchmark once, at tiny shapes."""
+    return bool(request.config.getoption("benchmark_disable", False))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     yield

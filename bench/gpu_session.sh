@@ -9,6 +9,7 @@
 #                 property suite on CUDA                       (<= 240 s)
 #   rotary        the rotary kernel benchmarks                 (<= 200 s)
 #   determinism   set_deterministic's cost, bitwise reruns     (<= 150 s)
+#   compile       cold and warm compile time, new processes    (<= 450 s)
 #   models:EXPR   the model benchmarks that pytest -k EXPR selects, with what
 #                 is left of the call (each case compiles: ~20-40 s per
 #                 compiled impl, so select a few groups per call)
@@ -17,7 +18,9 @@
 #   1. tests rotary
 #   2. "models:train_step and bf16 and sir"
 #   3. "models:train_step and bf16 and small" determinism
-#   later sessions: "models:forward and bf16", "models:fp32"
+#   later sessions: compile, "models:forward and bf16", "models:fp32"
+#   (until compile has run, the models' first_round_s on a fresh machine is
+#   the cold compile time)
 #
 # Before the first call, on the development machine (once per checkout):
 #   mkdir -p .whl && cp ../shared/device-wheels/*.whl .whl/ && echo /.whl/ >> .git/info/exclude
@@ -84,12 +87,16 @@ for stage in "$@"; do
       run_pytest 150 bench/bench_determinism.py --benchmark-only \
         --benchmark-json="$OUT/bench_determinism.json" 2>&1 | tail -5
       ;;
+    compile)
+      run_pytest 450 bench/bench_compile.py --benchmark-only \
+        --benchmark-json="$OUT/bench_compile.json" 2>&1 | tail -5
+      ;;
     models:*)
       run_pytest 570 bench/bench_models.py --benchmark-only -k "${stage#models:}" \
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests, rotary, determinism, models:EXPR)"
+      echo "unknown stage: $stage (tests, rotary, determinism, compile, models:EXPR)"
       exit 2
       ;;
   esac

@@ -8,7 +8,8 @@ named ``reference`` (models) or ``torch_eager`` (kernels) is the baseline;
 every row shows its median, its speedup over that baseline (measured in the
 same run), and GB/s, tokens/s and peak memory where recorded (the
 determinism groups have only ``fast`` and ``fast_deterministic``: ``fast`` is
-their baseline, and their notes say whether reruns were bitwise). CPU model
+their baseline, and their notes say whether reruns were bitwise; the compile
+groups' notes give the per-call time after the first call). CPU model
 cases also carry ``alternating``: their speedup over a reference model called
 in turn with them, which the machine's slow spells cannot tilt; the plot
 shows it where present. Writes
@@ -94,9 +95,12 @@ def rows(records: list[dict]) -> list[dict]:
 
 
 def _notes(info: dict) -> str:
-    if "rerun_bitwise" not in info:
-        return ""
-    return "reruns bitwise" if info["rerun_bitwise"] else "reruns differ"
+    notes = []
+    if "rerun_bitwise" in info:
+        notes.append("reruns bitwise" if info["rerun_bitwise"] else "reruns differ")
+    if "step_s" in info:  # compile-time cases: the step time the compile buys
+        notes.append(f"then {info['step_s'] * 1e3:.1f} ms per call")
+    return "; ".join(notes)
 
 
 def markdown(table: list[dict], environment: dict) -> str:
