@@ -91,7 +91,8 @@ def test_the_report_says_what_ran(default_report):
         ran["transformer/rotary_qk"]["rotary"] == "torch"
         and ran["transformer/rotary_qk"]["attention"] == "sdpa"
     )
-    assert ran["lstm"]["attention"] == "cudnn-rnn"
+    assert ran["transformer/standard"]["rotary"] == "none"  # nothing rotates there
+    assert ran["lstm"]["attention"] == "none (recurrent)"
     assert report["environment"]["torch"] == torch.__version__
 
 

@@ -47,15 +47,16 @@ def _ran(model) -> str:
     ran = model.ran
     if ran.get("variant") != "fast":
         return "reference"
-    if ran.get("attention") == "cudnn-rnn":
-        return "cuDNN, module path"
+    if ran.get("attention") == "none (recurrent)":
+        return "module path (cuDNN on CUDA)"
     if ran.get("compiled_with_grad"):
         compiled = "compiled"
     elif ran.get("compiled_no_grad"):
         compiled = "compiled no-grad"
     else:
         compiled = "eager"
-    return f"{compiled}; {ran.get('rotary')} rotary; {ran.get('attention')}"
+    rotary = "" if ran.get("rotary") == "none" else f"; {ran.get('rotary')} rotary"
+    return f"{compiled}{rotary}; {ran.get('attention')}"
 
 
 def _speed(model, name) -> str:

@@ -137,12 +137,14 @@ class FastRunner:
         self, model: nn.Module, device: torch.device | None = None, grad_enabled: bool | None = None
     ) -> Plan:
         if not isinstance(model, TransformerModel):
-            return Plan(compiled=False, rotary="torch", attention="cudnn-rnn")
+            # nn.RNN / nn.LSTM through the module path (cuDNN on CUDA)
+            return Plan(compiled=False, rotary="none", attention="none (recurrent)")
         device = device or model.embedding.weight.device
         grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
+        rotates = model.positional_embedding_type in ("rotary", "rotary_qk")
         return Plan(
             compiled=backends.resolve_compile(self.options.compile, device, grad),
-            rotary=backends.resolve_rotary(self.options.rotary, device),
+            rotary=backends.resolve_rotary(self.options.rotary, device) if rotates else "none",
             attention=backends.resolve_attention(
                 self.options.attention, device, _compute_dtype(model, device)
             ),
