@@ -145,7 +145,9 @@ def test_a_wrong_rotary_kernel_in_the_fast_path_fails_naming_the_rotary_module(m
         return _torch_rotary_qk(q, k, cos, -sin)
 
     monkeypatch.setattr(
-        wf, "_rotary_functions", lambda impl: (wrong_rotation, _torch_embedding_rotation)
+        wf,
+        "_rotary_functions",
+        lambda impl: dict(rotate_qk=wrong_rotation, embed_rotary=_torch_embedding_rotation),
     )
     reference, candidate = _broken_pair(
         small_config(positional_embedding_type="rotary_qk"), lambda m: None

@@ -31,6 +31,7 @@ from .helpers import (
     FP32_GRADS,
     FP32_LOGITS,
     POSITIONAL_TYPES,
+    kernel_device,
     random_ids,
     small_config,
 )
@@ -169,6 +170,25 @@ def test_fast_with_triton_rotary_equals_reference(pe, heads_dim, seed):
             reference(random_ids(seed, 50, 2, 5)),
             **FP32_LOGITS,
         )
+
+
+@pytest.mark.triton
+def test_no_grad_fast_path_rotates_q_and_k_in_place_and_autograd_out_of_place(monkeypatch):
+    from wmfast.ops import rotary as ops
+
+    calls = []
+    in_place = ops.rotary_qk_packed_
+    monkeypatch.setattr(ops, "rotary_qk_packed_", lambda *a: (calls.append(a), in_place(*a))[1])
+    config = small_config(positional_embedding_type="rotary_qk")
+    reference, fast = _pair(config, kernel_device(), rotary="triton", compile="never")
+    ids = random_ids(5, config.d_vocab, 2, 7).to(kernel_device())
+    reference.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+    assert len(calls) == config.n_layers  # one in-place rotation per layer
+    calls.clear()
+    torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+    assert not calls  # with grad: new tensors, autograd through the rotation
 
 
 # -- the compiled path: fixed configs, drawn inputs ----------------------------------

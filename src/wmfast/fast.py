@@ -103,12 +103,17 @@ def _compiled_forward(mode: str | None, dynamic: bool | None) -> Callable:
     return _COMPILED[key]
 
 
-def _rotary_functions(impl: str) -> tuple[Callable, Callable]:
+def _rotary_functions(impl: str) -> dict[str, Callable | None]:
+    """transformer_forward's rotary arguments for ``impl``."""
     if impl == "triton":
         from wmfast.ops import rotary as ops  # imports triton: only when picked
 
-        return ops.rotary_qk, ops.embedding_rotation
-    return rotary_eager.rotary_qk, _torch_embedding_rotation
+        return dict(
+            rotate_qk=ops.rotary_qk,
+            rotate_qk_in_place=ops.rotary_qk_packed_,
+            embed_rotary=ops.embedding_rotation,
+        )
+    return dict(rotate_qk=rotary_eager.rotary_qk, embed_rotary=_torch_embedding_rotation)
 
 
 def _compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
@@ -162,11 +167,8 @@ class FastRunner:
         if record is not None:
             plan = plan._replace(compiled=False)
         self.last_plan = plan
-        rotate_qk, embed_rotary = _rotary_functions(plan.rotary)
         args = (gather_weights(model), input_ids, statics_of(model))
-        kwargs = dict(
-            rotate_qk=rotate_qk, embed_rotary=embed_rotary, attend=CAUSAL_ATTENTION[plan.attention]
-        )
+        kwargs = dict(**_rotary_functions(plan.rotary), attend=CAUSAL_ATTENTION[plan.attention])
         if not plan.compiled:
             return transformer_forward(*args, **kwargs, record=record)
         forward = _compiled_forward(self.options.mode, self.options.dynamic)

@@ -121,6 +121,33 @@ def test_compiles_with_no_graph_break_forward_and_backward(R):
         torch.testing.assert_close(g, w, **FP32_GRADS)
 
 
+def test_packed_in_place_compiles_with_no_graph_break_and_matches_eager(R):
+    """As the compiled no-grad fast path uses it: on a view of a projection's output."""
+    device = kernel_device()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 8, generator=gen).to(device)
+    weight = torch.randn(3 * 8, 8, generator=gen).to(device)
+    cos, sin = WF.rotary_tables(5, WF.rotary_inv_freq(4).to(device))
+
+    def attend_inputs(x):
+        qkv = torch.nn.functional.linear(x, weight).view(2, 5, 3, 2, 4)
+        R.rotary_qk_packed_(qkv, cos, sin)
+        return qkv * 1.0
+
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(attend_inputs)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(attend_inputs, fullgraph=True)(x)
+        eager = attend_inputs(x)
+    torch.testing.assert_close(compiled, eager, **FP32_LOGITS)
+    q, k = WF.rotary_qk(
+        *torch.nn.functional.linear(x, weight).view(2, 5, 3, 2, 4).unbind(2)[:2], cos, sin
+    )
+    torch.testing.assert_close(eager[:, :, 0], q, **FP32_LOGITS)
+    torch.testing.assert_close(eager[:, :, 1], k, **FP32_LOGITS)
+
+
 def test_packed_in_place_matches_and_refuses_autograd(R):
     device = kernel_device()
     gen = torch.Generator().manual_seed(3)

@@ -106,6 +106,7 @@ def statics_of(model) -> Statics:
 
 
 RotateQK = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+RotateQKInPlace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 EmbedRotary = Callable[..., torch.Tensor]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -132,12 +133,16 @@ def transformer_forward(
     embed_rotary: EmbedRotary = _torch_embedding_rotation,
     attend: Attend | None = None,
     record: Callable[[str, object], None] | None = None,
+    rotate_qk_in_place: RotateQKInPlace | None = None,
 ) -> torch.Tensor:
     """logits (B, T, d_vocab) for input_ids (B, T); see TransformerModel.forward.
 
     ``record(path, value)``, if given, receives intermediate activations under
     the module paths whose outputs they equal on the reference (wmfast check
     uses it to name the first diverging path); never passed to compiled calls.
+    ``rotate_qk_in_place(qkv, cos, sin)``, if given, rotates q and k where they
+    lie in the packed projection when grad is disabled: nothing needs the
+    unrotated values then, so no new q/k tensors are allocated.
     """
     from wmfast.attention_backends import sdpa_causal
 
@@ -162,11 +167,14 @@ def transformer_forward(
 
     act = F.relu if statics.act_fn == "relu" else F.gelu
     p, train = statics.dropout, statics.training
+    in_place = rotate_qk_in_place is not None and record is None and not torch.is_grad_enabled()
     for i, w in enumerate(weights.layers):
         path = f"transformer_encoder.layers.{i}"
         qkv = F.linear(x, w.in_proj_weight, w.in_proj_bias).view(batch, seq_len, 3, heads, -1)
+        if rope is not None and in_place:
+            rotate_qk_in_place(qkv, *rope)
         q, k, v = qkv.unbind(2)  # (B, T, H, D) views
-        if rope is not None:
+        if rope is not None and not in_place:
             q, k = rotate_qk(q, k, *rope)
             note(f"{path}.self_attn.rotary", (q, k))
         attn = attend(q, k, v, p if train else 0.0).reshape(batch, seq_len, d_model)
