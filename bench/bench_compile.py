@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .bench_models import SHAPES, _case, _models, sir_batch
+from .bench_models import SHAPES, _case, _models, one_case_shape, sir_batch
 from .timing import environment, synchronize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,10 +76,7 @@ def _run_child(cache_dir: Path, *args: str) -> dict:
 def bench_compile(benchmark, device, smoke, tmp_path, model, direction, cache):
     if smoke and (model, direction, cache) != (MODELS[0], "forward", "cold"):
         pytest.skip("the smoke run starts one process, not the whole matrix")
-    if device.type == "cuda":
-        shape, dtype = "small", "bf16"
-    else:
-        shape, dtype = ("tiny" if smoke else "cpu"), "fp32"
+    shape, dtype = one_case_shape(device, smoke)
     args = (model, direction, shape, dtype)
     if cache == "warm":
         _run_child(tmp_path, *args)  # fills the cache, untimed

@@ -15,22 +15,17 @@ import torch
 
 import wmfast
 
-from .bench_models import SHAPES, _models, sir_batch, training_step
+from .bench_models import SHAPES, _models, one_case_shape, sir_batch, training_step
 from .timing import time_it
 
 MODELS = ["transformer/rotary_qk", "transformer/standard", "lstm"]
 RERUN_STEPS = 3
 
 
-def _shape(device: torch.device, smoke: bool) -> tuple[str, str]:
-    if device.type == "cuda":
-        return "small", "bf16"
-    return ("tiny" if smoke else "cpu"), "fp32"
-
-
 def _weights_after_steps(model: str, fields: dict, device, batch, dtype: str) -> list[torch.Tensor]:
     net = _models(model, "fast", fields, device).train()
     step = training_step(net, batch, dtype)
+    torch.manual_seed(0)  # the same dropout masks in both runs
     for _ in range(RERUN_STEPS):
         step()
     return [p.detach().clone() for p in net.parameters()]
@@ -58,7 +53,7 @@ def deterministic_mode(request):
 )
 @pytest.mark.parametrize("model", MODELS)
 def bench_determinism(benchmark, device, smoke, model, deterministic_mode):
-    shape, dtype = _shape(device, smoke)
+    shape, dtype = one_case_shape(device, smoke)
     batch_size, trials, fields = SHAPES[shape]
     benchmark.group = f"determinism/train_step/{shape}/{dtype}/{model}"
     batch = sir_batch(batch_size, trials, device)

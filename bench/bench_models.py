@@ -89,6 +89,14 @@ def _models(model: str, impl: str, fields: dict, device):
     return make_fast(reference, mode="reduce-overhead")
 
 
+def one_case_shape(device: torch.device, smoke: bool) -> tuple[str, str]:
+    """(shape, dtype) for suites that time one representative case per model:
+    "small" in bf16 on CUDA, "cpu" in fp32 on CPU, "tiny" in the smoke run."""
+    if device.type == "cuda":
+        return "small", "bf16"
+    return ("tiny" if smoke else "cpu"), "fp32"
+
+
 def sir_batch(batch_size: int, trials: int, device: torch.device):
     """One Store-Ignore-Recall batch, answers masked in the input."""
     data = SIRDataset(SIRConfig(seq_len=trials, n_sequences=batch_size, seed=0))

@@ -103,7 +103,7 @@ def _compiled_forward(mode: str | None, dynamic: bool | None) -> Callable:
     return _COMPILED[key]
 
 
-def _rotary_functions(impl: str) -> dict[str, Callable | None]:
+def _rotary_functions(impl: str) -> dict[str, Callable]:
     """transformer_forward's rotary arguments for ``impl``."""
     if impl == "triton":
         from wmfast.ops import rotary as ops  # imports triton: only when picked
