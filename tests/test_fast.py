@@ -149,9 +149,10 @@ def test_fast_equals_reference_under_no_grad_uncompiled(device, config, shape, s
 @given(
     st.sampled_from(["rotary", "rotary_qk"]),
     st.sampled_from([(2, 4), (4, 2), (3, 6)]),  # (heads, head_dim): non-power-of-two dims too
+    st.sampled_from([1, 5, 7]),
     st.integers(0, 2**31 - 1),
 )
-def test_fast_with_triton_rotary_equals_reference(pe, heads_dim, seed):
+def test_fast_with_triton_rotary_equals_reference(pe, heads_dim, seq_len, seed):
     heads, head_dim = heads_dim
     config = small_config(
         positional_embedding_type=pe,
@@ -160,16 +161,17 @@ def test_fast_with_triton_rotary_equals_reference(pe, heads_dim, seed):
         n_layers=1,
         seed=seed % 1000,
     )
-    reference, fast = _pair(config, rotary="triton", compile="never")
+    device = kernel_device()
+    reference, fast = _pair(config, device, rotary="triton", compile="never")
     assert describe(fast)["rotary"] == "triton"
-    assert_same_function(reference, fast, random_ids(seed, config.d_vocab, 2, 5))
-    with torch.no_grad():  # traced path too: the module kernels (inference)
-        fast.eval(), reference.eval()
-        torch.testing.assert_close(
-            fast.forward_modules(random_ids(seed, 50, 2, 5)),
-            reference(random_ids(seed, 50, 2, 5)),
-            **FP32_LOGITS,
-        )
+    ids = random_ids(seed, config.d_vocab, 2, seq_len).to(device)
+    assert_same_function(reference, fast, ids)
+    fast.eval(), reference.eval()
+    with torch.no_grad():
+        want = reference(ids)
+        # untraced: q and k rotated in place (rotary_qk); traced path: the module kernels
+        torch.testing.assert_close(fast(ids), want, **FP32_LOGITS)
+        torch.testing.assert_close(fast.forward_modules(ids), want, **FP32_LOGITS)
 
 
 @pytest.mark.triton
