@@ -141,8 +141,10 @@ def transformer_forward(
     the module paths whose outputs they equal on the reference (wmfast check
     uses it to name the first diverging path); never passed to compiled calls.
     ``rotate_qk_in_place(qkv, cos, sin)``, if given, rotates q and k where they
-    lie in the packed projection when grad is disabled: nothing needs the
-    unrotated values then, so no new q/k tensors are allocated.
+    lie in the packed projection in uncompiled calls with grad disabled:
+    nothing needs the unrotated values then, so no new q/k tensors are
+    allocated. Compiled calls leave buffer reuse to Inductor's memory planning
+    and take the out-of-place op, the plainer case for its functionalization.
     """
     from wmfast.attention_backends import sdpa_causal
 
@@ -167,7 +169,12 @@ def transformer_forward(
 
     act = F.relu if statics.act_fn == "relu" else F.gelu
     p, train = statics.dropout, statics.training
-    in_place = rotate_qk_in_place is not None and record is None and not torch.is_grad_enabled()
+    in_place = (
+        rotate_qk_in_place is not None
+        and record is None
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
     for i, w in enumerate(weights.layers):
         path = f"transformer_encoder.layers.{i}"
         qkv = F.linear(x, w.in_proj_weight, w.in_proj_bias).view(batch, seq_len, 3, heads, -1)
