@@ -352,6 +352,21 @@ def test_forward_hooks_make_the_fast_model_take_its_module_path(monkeypatch):
     assert runs == [1]  # without hooks: the fast path again
 
 
+@pytest.mark.parametrize("model_class, core", [("rnn", "rnn_core"), ("lstm", "lstm_core")])
+def test_recurrent_fast_models_fire_hooks_on_their_own_path(model_class, core):
+    """Their fast path is the module path (cuDNN recurrence), so hooks fire
+    without any switch, and the output is the reference's, bitwise."""
+    config = small_config(model_class=model_class, act_fn="tanh")
+    reference, fast = _pair(config)
+    seen = []
+    handle = getattr(fast, core).register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    ids = random_ids(2, config.d_vocab, 2, 5)
+    assert torch.equal(fast(ids), reference(ids))
+    handle.remove()
+    assert seen == [(2, 5, config.d_hidden)]
+    assert fast._fast.last_plan.attention == "none (recurrent)"  # the runner ran
+
+
 # -- dropout, determinism -------------------------------------------------------------
 
 

@@ -20,6 +20,10 @@ class WorkingMemoryModel(nn.Module):
     """
 
     _fast = None  # wmfast.fast.FastRunner on fast models
+    # True where the fast runner itself goes through forward_modules (RNN/LSTM):
+    # traces and hooks then work on it as they are, and checking for them
+    # would only add per-call cost
+    fast_path_calls_submodules = False
     d_vocab: int
     check_token_ids: bool  # the token-id range check (a device sync on CUDA)
 
@@ -34,7 +38,9 @@ class WorkingMemoryModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_input_ids(input_ids, self.d_vocab, self.n_ctx_limit, self.check_token_ids)
-        if self._fast is not None and not trace_active(self) and not hooks_registered(self):
+        if self._fast is None:
+            return self.forward_modules(input_ids)
+        if self.fast_path_calls_submodules or not (trace_active(self) or hooks_registered(self)):
             return self._fast(self, input_ids)
         return self.forward_modules(input_ids)
 

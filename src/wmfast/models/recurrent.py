@@ -39,6 +39,7 @@ class LSTMCore(nn.Module):
 
 class _RecurrentModel(WorkingMemoryModel):
     core_name: str  # "rnn_core" or "lstm_core"
+    fast_path_calls_submodules = True  # the fast variant keeps the cuDNN recurrence
 
     def __init__(self, config: ModelConfig, make_core) -> None:
         super().__init__()
