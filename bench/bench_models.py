@@ -13,6 +13,10 @@ RNN/LSTM d_model 512, d_hidden 256) and "small" (launch-bound: B 64, T 200,
 d_model 256). CPU: "cpu" (B 32, T 128, d_model 128, 4 heads, 2 layers, d_mlp
 512, dropout 0, fp32), or "tiny" under --benchmark-disable (CI's smoke run).
 On CUDA the bf16 training steps come first, so a run cut short still has them.
+
+Every model runs with ``check_token_ids = False``, as wmfast's training loop
+runs them (it checks each batch on the CPU): on CUDA the in-forward token-id
+range check is a device-to-host sync per call.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ def _config(model: str, fields: dict) -> ModelConfig:
 
 def _models(model: str, impl: str, fields: dict, device):
     reference = build_model(_config(model, fields), variant="reference").to(device)
+    reference.check_token_ids = False  # as the training loop runs it (module docstring);
+    # it also spares torch.compile(reference) the graph break at that check's sync
     if impl == "reference":
         return reference
     if impl == "torch_compile":
