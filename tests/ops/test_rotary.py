@@ -122,7 +122,9 @@ def test_compiles_with_no_graph_break_forward_and_backward(R):
 
 
 def test_packed_in_place_compiles_with_no_graph_break_and_matches_eager(R):
-    """As the compiled no-grad fast path uses it: on a view of a projection's output."""
+    """On a view of a projection's output, under torch.compile(fullgraph=True).
+    The fast path calls it only uncompiled for now; on CUDA this test is the
+    check that compiled calls could use it too (triton_op mutating a view)."""
     device = kernel_device()
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 5, 8, generator=gen).to(device)
