@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .bench_models import SHAPES, _case, _models, one_case_shape, sir_batch
+from .bench_models import SHAPES, build_impl, one_case_shape, sir_batch, timed_call
 from .timing import environment, synchronize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +36,8 @@ def _child(model: str, direction: str, shape: str, dtype: str) -> dict:
     """Runs in the new process: first call, then steady calls."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch_size, trials, fields = SHAPES[shape]
-    fn = _case(
-        _models(model, "fast", fields, device),
+    fn = timed_call(
+        build_impl(model, "fast", fields, device),
         direction,
         sir_batch(batch_size, trials, device),
         dtype,

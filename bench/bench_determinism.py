@@ -15,7 +15,7 @@ import torch
 
 import wmfast
 
-from .bench_models import SHAPES, _models, one_case_shape, sir_batch, training_step
+from .bench_models import SHAPES, build_impl, one_case_shape, sir_batch, training_step
 from .timing import time_it
 
 MODELS = ["transformer/rotary_qk", "transformer/standard", "lstm"]
@@ -23,7 +23,7 @@ RERUN_STEPS = 3
 
 
 def _weights_after_steps(model: str, fields: dict, device, batch, dtype: str) -> list[torch.Tensor]:
-    net = _models(model, "fast", fields, device).train()
+    net = build_impl(model, "fast", fields, device).train()
     step = training_step(net, batch, dtype)
     torch.manual_seed(0)  # the same dropout masks in both runs
     for _ in range(RERUN_STEPS):
@@ -57,7 +57,7 @@ def bench_determinism(benchmark, device, smoke, model, deterministic_mode):
     batch_size, trials, fields = SHAPES[shape]
     benchmark.group = f"determinism/train_step/{shape}/{dtype}/{model}"
     batch = sir_batch(batch_size, trials, device)
-    net = _models(model, "fast", fields, device).train()
+    net = build_impl(model, "fast", fields, device).train()
     impl = "fast_deterministic" if deterministic_mode else "fast"
     time_it(
         benchmark,

@@ -82,7 +82,8 @@ def _config(model: str, fields: dict) -> ModelConfig:
     )
 
 
-def _models(model: str, impl: str, fields: dict, device):
+def build_impl(model: str, impl: str, fields: dict, device):
+    """``model`` ("transformer/rotary_qk", "lstm", ...) as ``impl`` runs it (IMPLS)."""
     reference = build_model(_config(model, fields), variant="reference").to(device)
     reference.check_token_ids = False  # as the training loop runs it (module docstring);
     # it also spares torch.compile(reference) the graph break at that check's sync
@@ -128,7 +129,7 @@ def training_step(net, batch, dtype: str):
     return train_step
 
 
-def _case(net, direction: str, batch, dtype: str):
+def timed_call(net, direction: str, batch, dtype: str):
     """What one timed call runs: a training step, or a no-grad forward in eval mode."""
     net.train(direction == "train_step")
     if direction == "train_step":
@@ -151,7 +152,7 @@ def bench_model(benchmark, device, smoke, direction, shape, dtype, model, impl):
     batch_size, trials, fields = SHAPES[shape]
     benchmark.group = f"model/{direction}/{shape}/{dtype}/{model}"
     batch = sir_batch(batch_size, trials, device)
-    fn = _case(_models(model, impl, fields, device), direction, batch, dtype)
+    fn = timed_call(build_impl(model, impl, fields, device), direction, batch, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rounds = 20 if device.type == "cuda" else 8
@@ -176,7 +177,9 @@ def bench_model(benchmark, device, smoke, direction, shape, dtype, model, impl):
         # pytest-benchmark times the cases one after another; on a shared
         # 2-core machine a whole case can run 20-30% slow. Calling a reference
         # model in turn with this one gives a ratio that noise cannot tilt.
-        reference = _case(_models(model, "reference", fields, device), direction, batch, dtype)
+        reference = timed_call(
+            build_impl(model, "reference", fields, device), direction, batch, dtype
+        )
         benchmark.extra_info["alternating_speedup"] = alternating_speedup(
             reference, fn, device, rounds
         )
