@@ -18,14 +18,15 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from wmfast.check import call_seconds
+
 from .bench_models import SHAPES, build_impl, one_case_shape, sir_batch, timed_call
-from .timing import environment, synchronize
+from .timing import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["transformer/rotary_qk", "transformer/standard"]
@@ -42,16 +43,8 @@ def _child(model: str, direction: str, shape: str, dtype: str) -> dict:
         sir_batch(batch_size, trials, device),
         dtype,
     )
-    started = time.perf_counter()
-    fn()
-    synchronize(device)
-    first = time.perf_counter() - started
-    steps = []
-    for _ in range(STEPS_AFTER_FIRST):
-        started = time.perf_counter()
-        fn()
-        synchronize(device)
-        steps.append(time.perf_counter() - started)
+    first = call_seconds(fn, device)
+    steps = [call_seconds(fn, device) for _ in range(STEPS_AFTER_FIRST)]
     return {"first_round_s": first, "step_s": statistics.median(steps)}
 
 

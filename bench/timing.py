@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+from wmfast.check import alternating_medians
 
 
 def environment() -> dict:
@@ -88,15 +89,9 @@ def alternating_speedup(
     rounds: int,
 ) -> float:
     """median time of ``baseline`` / median time of ``candidate``, the two called
-    in turn (each warmed up first), so slow spells of the machine hit both."""
-    baseline_times, candidate_times = [], []
+    in turn (each warmed up first), so slow spells of the machine hit both: the
+    measurement ``wmfast check`` makes."""
     for fn in (baseline, candidate):
         fn()
-    synchronize(device)
-    for _ in range(rounds):
-        for fn, times in ((baseline, baseline_times), (candidate, candidate_times)):
-            started = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - started)
-    return statistics.median(baseline_times) / statistics.median(candidate_times)
+    baseline_s, candidate_s = alternating_medians(baseline, candidate, device, rounds)
+    return baseline_s / candidate_s

@@ -356,7 +356,7 @@ def walk_paths(report: ModelReport, reference, candidate, input_ids, tol, progre
 # -- speed ------------------------------------------------------------------------------
 
 
-def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
+def call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
     """Wall time of one call, synchronised on CUDA so it counts finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -365,6 +365,19 @@ def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def alternating_medians(
+    baseline: Callable[[], Any], candidate: Callable[[], Any], device: torch.device, repeats: int
+) -> tuple[float, float]:
+    """Median seconds of ``baseline`` and of ``candidate``, called in turn
+    ``repeats`` times, so slow spells of the machine hit both alike. Warm both
+    up first (compiles must happen outside)."""
+    baseline_times, candidate_times = [], []
+    for _ in range(repeats):
+        baseline_times.append(call_seconds(baseline, device))
+        candidate_times.append(call_seconds(candidate, device))
+    return statistics.median(baseline_times), statistics.median(candidate_times)
 
 
 def measure_speed(reference, candidate, input_ids, device, dtype, repeats: int = 5) -> dict:
@@ -398,11 +411,9 @@ def measure_speed(reference, candidate, input_ids, device, dtype, repeats: int =
     ):
         for model in (reference, candidate, candidate):
             run(model)  # warm-up (and compile) outside the timing
-        ref_times, cand_times = [], []
-        for _ in range(repeats):
-            ref_times.append(_seconds(lambda run=run: run(reference), device))
-            cand_times.append(_seconds(lambda run=run: run(candidate), device))
-        r, c = statistics.median(ref_times), statistics.median(cand_times)
+        r, c = alternating_medians(
+            lambda run=run: run(reference), lambda run=run: run(candidate), device, repeats
+        )
         out[name] = {"reference_s": r, "candidate_s": c, "speedup": r / c if c > 0 else None}
     return out
 
