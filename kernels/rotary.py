@@ -35,6 +35,14 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def _row_position(seq_len):
+    """(b, t) of this program's row b * seq_len + t, in int64: b * stride
+    overflows int32 on large batches of long sequences."""
+    row = tl.program_id(0)
+    return (row // seq_len).to(tl.int64), (row % seq_len).to(tl.int64)
+
+
+@triton.jit
 def _load_angles(cos_row, sin_row, j, c_sd, s_sd, mask, CONJ: tl.constexpr):
     """One row of the cos/sin tables in fp32; the negative angle when CONJ (backward)."""
     cos = tl.load(cos_row + j * c_sd, mask=mask, other=0.0).to(tl.float32)
@@ -65,10 +73,7 @@ def _rotary_qk_kernel(
     s_sb, s_st, s_sd,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, CONJ: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)  # b * seq_len + t
-    # int64: b * stride overflows int32 on large batches of long sequences
-    b = (row // seq_len).to(tl.int64)
-    t = (row % seq_len).to(tl.int64)
+    b, t = _row_position(seq_len)
     j = tl.arange(0, BLOCK_HALF)
     j_ok = j < HALF
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -99,9 +104,7 @@ def _embedding_rotation_kernel(
     s_sb, s_st, s_sd,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, ADD_INPUT: tl.constexpr, CONJ: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)  # b * seq_len + t
-    b = (row // seq_len).to(tl.int64)
-    t = (row % seq_len).to(tl.int64)
+    b, t = _row_position(seq_len)
     j = tl.arange(0, BLOCK_HALF)
     ok = j < HALF
 
