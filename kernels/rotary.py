@@ -168,6 +168,14 @@ def check_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     _table_strides("sin", sin, batch, seq_len, head_dim // 2)
 
 
+def rotary_qk_blocks(half: int, heads: int) -> tuple[int, int]:
+    """(BLOCK_HALF, BLOCK_H) of a rotary_qk program for head_dim = 2 * half."""
+    block_half = triton.next_power_of_2(half)
+    # ~2k elements per program and tensor: enough work per program to hide
+    # latency, few enough registers for head dims up to 256
+    return block_half, max(1, min(triton.next_power_of_2(heads), 2048 // block_half))
+
+
 def rotary_qk_launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -184,10 +192,7 @@ def rotary_qk_launch(
     half = head_dim // 2
     if q.numel() == 0:
         return
-    block_half = triton.next_power_of_2(half)
-    # ~2k elements per program and tensor: enough work per program to hide
-    # latency, few enough registers for head dims up to 256
-    block_h = max(1, min(triton.next_power_of_2(heads), 2048 // block_half))
+    block_half, block_h = rotary_qk_blocks(half, heads)
     grid = (batch * seq_len, triton.cdiv(heads, block_h))
     wrap(_rotary_qk_kernel)[grid](
         q, k, q_out, k_out, cos, sin,
