@@ -236,11 +236,23 @@ def test_check_with_the_users_inputs_and_autocast(tmp_path):
     assert report.models[0].comparisons[0].rtol == 2e-2  # autocast tolerance
 
 
+def test_device_auto_checks_where_the_models_would_train():
+    report = wc.check_equivalence(
+        small_config(model_class="lstm"), paths=False, speed=False, seq_len=4
+    )
+    assert report.ok
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert torch.device(report.settings["device"]).type == expected
+    assert report.environment["device"].startswith(expected)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["/nonexistent/run"], "no such config file or checkpoint directory"),
         (["--device", "cuda"], "no CUDA device is available"),
+        (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
+        (["--device", "meta"], "device must be auto, cpu, cuda or cuda:N; got 'meta'"),
         (["--inputs", "/nonexistent/ids.pt"], "cannot read input ids"),
         (["--seeds", "one,two"], "--seeds must be comma-separated integers"),
     ],

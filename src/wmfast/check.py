@@ -516,11 +516,23 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise CheckInputError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
+    return dev
+
+
 def check_equivalence(
     source: Any = None,
     *,
     variant: str = "fast",
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str = "fp32",
     batch_size: int = DEFAULT_BATCH,
     seq_len: int = DEFAULT_SEQ_LEN,
@@ -536,7 +548,9 @@ def check_equivalence(
 
     Raises CheckInputError (exit code 2 in the CLI) for input the check cannot
     use: unreadable configs, missing checkpoints, CUDA asked for but absent,
-    nnsight missing while ``paths`` is on, a bad inputs file.
+    nnsight missing while ``paths`` is on, a bad inputs file. ``device``
+    "auto" checks on CUDA when a GPU is present (the path users train on
+    there), else on the CPU.
     """
     if variant not in VARIANTS:
         raise CheckInputError(f"variant must be one of {list(VARIANTS)}; got {variant!r}")
@@ -544,7 +558,7 @@ def check_equivalence(
         raise CheckInputError(f"dtype must be one of {list(AUTOCAST_DTYPES)}; got {dtype!r}")
     if batch_size < 1 or seq_len < 1:
         raise CheckInputError("batch size and sequence length must be >= 1")
-    dev = torch.device(device)
+    dev = _resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckInputError("device 'cuda' was asked for, but no CUDA device is available")
     if paths and importlib.util.find_spec("nnsight") is None:

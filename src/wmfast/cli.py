@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="config YAML or run directory (default: built-in models)",
     )
     check.add_argument("--variant", default="fast", choices=["fast", "reference"])
-    check.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    check.add_argument(
+        "--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N"
+    )
     check.add_argument(
         "--dtype",
         default="fp32",
