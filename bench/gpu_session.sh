@@ -8,6 +8,8 @@
 #   tests         versions, then the CUDA/Triton tests and the fast-vs-reference
 #                 property suite on CUDA                       (<= 240 s)
 #   rotary        the rotary kernel benchmarks                 (<= 200 s)
+#   check         wmfast check on CUDA, fp32 and bf16: the JSON reports
+#                                                              (<= 150 s)
 #   determinism   set_deterministic's cost, bitwise reruns     (<= 150 s)
 #   compile       cold and warm compile time, new processes    (<= 450 s)
 #   models:EXPR   the model benchmarks that pytest -k EXPR selects, with what
@@ -17,7 +19,7 @@
 # The calls of one session, in priority order (the issue targets first):
 #   1. tests rotary
 #   2. "models:train_step and bf16 and sir"
-#   3. "models:train_step and bf16 and small" determinism
+#   3. check determinism "models:train_step and bf16 and small"
 #   later sessions: compile, "models:forward and bf16", "models:fp32"
 #   (until compile has run, the models' first_round_s on a fresh machine is
 #   the cold compile time)
@@ -83,6 +85,12 @@ for stage in "$@"; do
       run_pytest 200 bench/bench_rotary.py --benchmark-only \
         --benchmark-json="$OUT/bench_rotary.json" 2>&1 | tail -5
       ;;
+    check)
+      for dtype in fp32 bf16; do
+        timeout "$(budget 75)" python3 -m wmfast check --device cuda --dtype "$dtype" \
+          --json "$OUT/check_$dtype.json" 2>&1 | tail -12
+      done
+      ;;
     determinism)
       run_pytest 150 bench/bench_determinism.py --benchmark-only \
         --benchmark-json="$OUT/bench_determinism.json" 2>&1 | tail -5
@@ -96,7 +104,7 @@ for stage in "$@"; do
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests, rotary, determinism, compile, models:EXPR)"
+      echo "unknown stage: $stage (tests, rotary, check, determinism, compile, models:EXPR)"
       exit 2
       ;;
   esac
