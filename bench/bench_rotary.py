@@ -4,7 +4,11 @@ math under torch.compile (Inductor's generated kernel), and liger-kernel's RoPE.
 Groups: ``rotary_qk/{fwd,fwdbwd}/{shape}/{dtype}`` and
 ``embedding_rotation/{fwd,fwdbwd}/{shape}/{dtype}``; ``gb_per_s`` in extra_info
 counts the bytes each call must move (read q, k; write q', k'; backward the
-same again), tables excluded (they are (T, D/2) and stay in cache).
+same again), tables excluded (they are (T, D/2) and stay in cache). The
+yardstick is ``copy/{shape}/{dtype}``: the device's copy bandwidth on the
+bytes of q and k at the large shape, measured in the same run (the kernels'
+target: rotary_qk forward+backward at >= 80% of it; bench/report.py notes
+each kernel's share).
 
 Run on a GPU:  pytest bench/bench_rotary.py --benchmark-only
 """
@@ -58,6 +62,29 @@ def ops():
     from wmfast.ops import rotary
 
     return rotary
+
+
+COPY_CASES_CUDA = [("large", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("shape, dtype", _cases(COPY_CASES_CUDA, QK_CASES_CPU))
+def bench_copy(benchmark, device, shape, dtype):
+    """``dst.copy_(src)`` over as many bytes as q and k at ``shape``: what moving
+    those bytes costs at the best rate the device sustains."""
+    numel = 2 * torch.Size({**QK_SHAPES_CUDA, **QK_SHAPES_CPU}[shape]).numel()  # q and k
+    benchmark.group = f"copy/{shape}/{str(dtype).split('.')[-1]}"
+    src = torch.empty(numel, device=device, dtype=dtype).normal_()
+    dst = torch.empty_like(src)
+    time_it(
+        benchmark,
+        lambda: dst.copy_(src),
+        device,
+        calls=_calls(device, numel),
+        bytes_per_call=2 * numel * src.element_size(),  # read once, write once
+        shape=[numel],
+        dtype=str(dtype),
+        impl="copy",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ every row shows its median, its speedup over that baseline (measured in the
 same run), and GB/s, tokens/s and peak memory where recorded (the
 determinism groups have only ``fast`` and ``fast_deterministic``: ``fast`` is
 their baseline, and their notes say whether reruns were bitwise; the compile
-groups' notes give the per-call time after the first call). CPU model
+groups' notes give the per-call time after the first call; where the run
+has ``copy`` cases, every GB/s figure is also given as a share of the best
+copy bandwidth). CPU model
 cases also carry ``alternating``: their speedup over a reference model called
 in turn with them, which the machine's slow spells cannot tilt; the plot
 shows it where present. Writes
@@ -64,7 +66,15 @@ def per_call(record: dict) -> float:
     )
 
 
+def copy_bandwidth(records: list[dict]) -> float | None:
+    """The best GB/s of the run's ``copy`` cases (bench_rotary's yardstick)."""
+    rates = [r["extra_info"].get("gb_per_s") for r in records if r["group"].startswith("copy/")]
+    rates = [rate for rate in rates if rate]
+    return max(rates) if rates else None
+
+
 def rows(records: list[dict]) -> list[dict]:
+    copy_gbps = copy_bandwidth(records)
     groups: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         groups[record["group"]].append(record)
@@ -88,14 +98,16 @@ def rows(records: list[dict]) -> list[dict]:
                     memory=info.get("peak_memory_bytes"),
                     first_round=info.get("first_round_s"),
                     baseline=m is baseline,
-                    notes=_notes(info),
+                    notes=_notes(info, None if group.startswith("copy/") else copy_gbps),
                 )
             )
     return out
 
 
-def _notes(info: dict) -> str:
+def _notes(info: dict, copy_gbps: float | None) -> str:
     notes = []
+    if copy_gbps and info.get("gb_per_s"):
+        notes.append(f"{100 * info['gb_per_s'] / copy_gbps:.0f}% of copy bandwidth")
     if "rerun_bitwise" in info:
         notes.append("reruns bitwise" if info["rerun_bitwise"] else "reruns differ")
     if "step_s" in info:  # compile-time cases: the step time the compile buys

@@ -98,3 +98,24 @@ def test_alternating_speedups_get_their_own_column(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "| fast | 250.000 | 0.80x | 1.10x |" in text
     assert "| reference | 200.000 | 1.00x |  |" in text
+
+
+def test_kernel_bandwidth_is_noted_as_a_share_of_the_runs_copy_bandwidth(tmp_path):
+    data = {
+        "benchmarks": [
+            _bench("a", "copy/large/bfloat16", "copy", 0.1, gb_per_s=2500.0),
+            _bench("b", "rotary_qk/fwdbwd/large/bfloat16", "torch_eager", 0.4, gb_per_s=500.0),
+            _bench("c", "rotary_qk/fwdbwd/large/bfloat16", "wmfast_triton", 0.1, gb_per_s=2100.0),
+            _bench("d", "model/train/cpu/fp32/x", "reference", 0.2),
+        ]
+    }
+    (tmp_path / "run.json").write_text(json.dumps(data))
+    rows = {(r["group"], r["impl"]): r for r in report.rows(report.load([tmp_path / "run.json"]))}
+    assert rows[("rotary_qk/fwdbwd/large/bfloat16", "wmfast_triton")]["notes"] == (
+        "84% of copy bandwidth"
+    )
+    assert rows[("rotary_qk/fwdbwd/large/bfloat16", "torch_eager")]["notes"] == (
+        "20% of copy bandwidth"
+    )
+    assert rows[("copy/large/bfloat16", "copy")]["notes"] == ""
+    assert rows[("model/train/cpu/fp32/x", "reference")]["notes"] == ""
