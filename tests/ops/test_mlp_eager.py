@@ -43,11 +43,11 @@ def _run(fn, tensors, needs_grad, grad_seed):
     needs_grad=st.sampled_from([(True,) * 5, (True, False, False, False, False), (False, True, True, True, True)]),
     seed=st.integers(0, 2**31 - 1),
 )  # fmt: skip
-def test_relu_mlp_equals_the_composition(
+def test_in_place_kernels_equal_the_composition(
     device, batch, seq_len, d_model, d_mlp, dtype, needs_grad, seed
 ):
     tensors = _inputs(seed, batch, seq_len, d_model, d_mlp, dtype, device)
-    out, grads = _run(mlp_eager.relu_mlp, tensors, needs_grad, seed + 1)
+    out, grads = _run(mlp_eager._ReluMLP.apply, tensors, needs_grad, seed + 1)
     want, want_grads = _run(_composition, tensors, needs_grad, seed + 1)
     if device == "cpu":  # the same products in the same order: bit for bit
         assert torch.equal(out, want)
@@ -74,8 +74,19 @@ def _count_fused_calls(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("tokens, fused", [(2**12, True), (2**12 - 1, False)])
+def test_blocks_from_min_fused_hidden_up_take_the_in_place_kernels(monkeypatch, tokens, fused):
+    calls = _count_fused_calls(monkeypatch)
+    d_mlp = mlp_eager.MIN_FUSED_HIDDEN // 2**12
+    tensors = _inputs(5, 1, tokens, 4, d_mlp, torch.float32, "cpu")
+    out = mlp_eager.relu_mlp(*tensors)
+    assert calls[0] == int(fused)
+    assert torch.equal(out, _composition(*tensors))
+
+
 def test_autocast_takes_the_composition(monkeypatch):
     calls = _count_fused_calls(monkeypatch)
+    monkeypatch.setattr(mlp_eager, "MIN_FUSED_HIDDEN", 0)
     tensors = _inputs(3, 2, 5, 8, 16, torch.float32, "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = mlp_eager.relu_mlp(*tensors)
@@ -98,6 +109,7 @@ def test_fast_transformer_uses_it_where_nothing_needs_linear1s_output(
     monkeypatch, changes, train, fused_per_call
 ):
     calls = _count_fused_calls(monkeypatch)
+    monkeypatch.setattr(mlp_eager, "MIN_FUSED_HIDDEN", 0)  # small_config is far below it
     config = small_config(positional_embedding_type="rotary_qk", **changes)
     model = build_model(config).train(train)  # fast, CPU: with grad it runs uncompiled
     logits = model(random_ids(0, config.d_vocab, 2, 9))
