@@ -237,16 +237,20 @@ def test_compile_always_trains_like_the_reference(device):
     assert_same_function(reference, fast, random_ids(3, 50, 2, 9), train=True)
 
 
-def test_dynamic_option_serves_every_length_with_one_graph():
-    reference, fast = _pair(small_config(positional_embedding_type="rotary"), dynamic=True)
+def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
+    config = small_config(positional_embedding_type="rotary")
+    reference, fast = _pair(config, dynamic=True)
     reference.eval(), fast.eval()
     with torch.no_grad():
-        fast(random_ids(0, 50, 2, 5))
+        # first at the length that equals inv_freq's size: a graph dynamic in
+        # every dimension would tie the two (duck sizing) and recompile next
+        fast(random_ids(0, 50, 2, config.d_model // 2))
         graphs = counters["stats"]["unique_graphs"]
-        for seq_len in (7, 12, 19):
-            ids = random_ids(seq_len, 50, 2, seq_len)
+        for batch, seq_len in ((2, 7), (3, 12), (5, 19)):
+            ids = random_ids(seq_len, 50, batch, seq_len)
             torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
     assert counters["stats"]["unique_graphs"] == graphs
+    assert not hasattr(ids, "_dynamo_weak_dynamic_indices")  # the caller's tensor stays unmarked
 
 
 # -- same module tree, shared parameters, checkpoints -----------------------------------

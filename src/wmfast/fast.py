@@ -58,7 +58,8 @@ class FastOptions:
                then overwrites the previous call's output: clone what you keep).
     dynamic:   None: torch.compile's default (a second sequence length recompiles
                once, as dynamic); True: one graph for every sequence length from
-               the start; False: one graph per length.
+               the start; False: one graph per length. Either way length 1 gets
+               a graph of its own: PyTorch specializes sizes 0 and 1.
     rotary:    "auto", "triton" or "torch" (see wmfast.backends).
     attention: "auto", "sdpa" or "flash_attn".
     """
@@ -96,11 +97,30 @@ _COMPILED: dict[tuple, Callable] = {}
 
 def _compiled_forward(mode: str | None, dynamic: bool | None) -> Callable:
     """One compiled transformer_forward per (mode, dynamic) for the whole process:
-    its graphs depend on shapes and constants, not on the model instance."""
+    its graphs depend on shapes and constants, not on the model instance.
+
+    dynamic=True is not passed on as torch.compile(dynamic=True), which makes
+    every dimension of every weight symbolic too; duck sizing then ties a
+    weight dimension to the sequence length whenever the two happen to be
+    equal (inv_freq's d/2 entries and T = d/2), and the next length
+    recompiles. FastRunner marks the token ids' batch and length dimensions
+    dynamic instead (``_dynamic_ids``).
+    """
     key = (mode, dynamic)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(transformer_forward, mode=mode, dynamic=dynamic)
+        _COMPILED[key] = torch.compile(
+            transformer_forward, mode=mode, dynamic=False if dynamic is False else None
+        )
     return _COMPILED[key]
+
+
+def _dynamic_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """An alias of input_ids whose batch and length dimensions compile as dynamic
+    (an alias, so the mark does not follow the caller's tensor elsewhere)."""
+    ids = input_ids.view(input_ids.shape)
+    torch._dynamo.maybe_mark_dynamic(ids, 0)  # "maybe": sizes 0 and 1 still specialize
+    torch._dynamo.maybe_mark_dynamic(ids, 1)
+    return ids
 
 
 def _rotary_functions(impl: str) -> dict[str, Callable]:
@@ -172,6 +192,8 @@ class FastRunner:
         if not plan.compiled:
             return transformer_forward(*args, **kwargs, record=record)
         forward = _compiled_forward(self.options.mode, self.options.dynamic)
+        if self.options.dynamic:
+            args = (args[0], _dynamic_ids(input_ids), args[2])
         key = (
             input_ids.device.type,
             _compute_dtype(model, input_ids.device),
