@@ -253,6 +253,21 @@ def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
     assert not hasattr(ids, "_dynamo_weak_dynamic_indices")  # the caller's tensor stays unmarked
 
 
+def test_a_fast_model_compiled_by_the_user_computes_the_same():
+    # torch.compile(fast_model) traces through the runner (its own compiled
+    # function inlines): nothing in it may be forbidden in a graph
+    reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"), dynamic=True)
+    reference.eval(), fast.eval()
+    fast.check_token_ids = False  # its range check is a host sync: a graph break by design
+    compiled = torch.compile(fast)
+    breaks = sum(counters["graph_break"].values())
+    with torch.no_grad():
+        for seq_len in (5, 9):
+            ids = random_ids(seq_len, 50, 2, seq_len)
+            torch.testing.assert_close(compiled(ids), reference(ids), **FP32_LOGITS)
+    assert sum(counters["graph_break"].values()) == breaks
+
+
 # -- same module tree, shared parameters, checkpoints -----------------------------------
 
 

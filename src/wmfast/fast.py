@@ -189,7 +189,9 @@ class FastRunner:
         self.last_plan = plan
         args = (gather_weights(model), input_ids, statics_of(model))
         kwargs = dict(**_rotary_functions(plan.rotary), attend=CAUSAL_ATTENTION[plan.attention])
-        if not plan.compiled:
+        if not plan.compiled or torch.compiler.is_compiling():
+            # (under a user's own torch.compile of the model, that compile owns
+            # compiling and shapes: it traces the plain function)
             return transformer_forward(*args, **kwargs, record=record)
         forward = _compiled_forward(self.options.mode, self.options.dynamic)
         if self.options.dynamic:
