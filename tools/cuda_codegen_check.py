@@ -33,15 +33,16 @@ import sys
 import tempfile
 import types
 
-# (positional type, dynamic, dtype, torch.compile mode, d_model, n_heads)
+# (positional type, dynamic, dtype, torch.compile mode, d_model, n_heads, d_mlp)
 CASES = [
-    ("rotary_qk", "none", "bf16", "default", 64, 2),
-    ("rotary_qk", "true", "fp32", "default", 96, 2),  # head dim 48: not a power of two
-    ("rotary_qk", "true", "bf16", "reduce-overhead", 64, 2),
-    ("rotary", "true", "bf16", "default", 64, 2),
-    ("rotary", "none", "fp32", "reduce-overhead", 48, 2),
-    ("standard", "true", "bf16", "default", 64, 2),
-    ("None", "true", "fp32", "default", 64, 2),
+    ("rotary_qk", "none", "bf16", "default", 64, 2, 128),
+    ("rotary_qk", "true", "fp32", "default", 96, 2, 128),  # head dim 48: not a power of two
+    ("rotary_qk", "true", "bf16", "reduce-overhead", 64, 2, 128),
+    ("rotary_qk", "none", "bf16", "default", 512, 4, 0),  # the SIR model: d_mlp 0, head dim 128
+    ("rotary", "true", "bf16", "default", 64, 2, 128),
+    ("rotary", "none", "fp32", "reduce-overhead", 48, 2, 0),
+    ("standard", "true", "bf16", "default", 64, 2, 128),
+    ("None", "true", "fp32", "default", 64, 2, 128),
 ]
 SEQ_LENS = (16, 17, 33, 1)  # 16: Triton's divisible-by-16 case; 1: its own graph
 H100 = types.SimpleNamespace(
@@ -122,7 +123,7 @@ def pretend_h100(compiled_kernels: list[str]) -> None:
     CachingAutotuner._dynamic_scale_rblock = answer(None)
 
 
-def run_case(positional, dynamic, dtype, mode, d_model, n_heads) -> bool:
+def run_case(positional, dynamic, dtype, mode, d_model, n_heads, d_mlp) -> bool:
     """One case in this process; prints a line per sequence length."""
     import torch
     from torch._dynamo.utils import counters
@@ -148,8 +149,8 @@ def run_case(positional, dynamic, dtype, mode, d_model, n_heads) -> bool:
     config = ModelConfig(
         d_model=d_model,
         n_heads=n_heads,
-        d_vocab=50,
-        d_mlp=128,
+        d_vocab=350,
+        d_mlp=d_mlp,
         positional_embedding_type=None if positional == "None" else positional,
     )
     # the fast model as users build it; its root forward -> FastRunner -> the
@@ -166,7 +167,7 @@ def run_case(positional, dynamic, dtype, mode, d_model, n_heads) -> bool:
     with FakeTensorMode(allow_non_fake_inputs=True):
         # fake CUDA tensors must exist before the device queries are answered
         model = model.to("cuda")
-        ids = {t: torch.zeros((2, t), dtype=torch.long, device="cuda") for t in SEQ_LENS}
+        ids = {t: torch.zeros((4, t), dtype=torch.long, device="cuda") for t in SEQ_LENS}
         pretend_h100(compiled_kernels)
         ok = True
         for seq_len in SEQ_LENS:
@@ -197,11 +198,11 @@ def run_case(positional, dynamic, dtype, mode, d_model, n_heads) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--case", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--case", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        p, dyn, dtype, mode, d, h = args.case
-        return 0 if run_case(p, dyn, dtype, mode, int(d), int(h)) else 1
+        p, dyn, dtype, mode, d, h, mlp = args.case
+        return 0 if run_case(p, dyn, dtype, mode, int(d), int(h), int(mlp)) else 1
     failed = []
     with tempfile.TemporaryDirectory() as cache:
         # cold caches, so Triton and ptxas really compile every kernel; one
@@ -209,7 +210,11 @@ def main() -> int:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_COMPILE_THREADS="1")
         env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
         for case in CASES:
-            print("positional={} dynamic={} dtype={} mode={} d_model={} n_heads={}".format(*case))
+            print(
+                "positional={} dynamic={} dtype={} mode={} d_model={} n_heads={} d_mlp={}".format(
+                    *case
+                )
+            )
             argv = [sys.executable, __file__, "--case", *map(str, case)]
             if subprocess.run(argv, env=env).returncode != 0:
                 failed.append(case)
