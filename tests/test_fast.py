@@ -254,8 +254,8 @@ def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
 
 
 def test_a_fast_model_compiled_by_the_user_computes_the_same():
-    # torch.compile(fast_model) traces through the runner (its own compiled
-    # function inlines): nothing in it may be forbidden in a graph
+    # torch.compile(fast_model) traces the root forward and the runner, which
+    # hands it the plain forward: nothing on that way may break the graph
     reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"), dynamic=True)
     reference.eval(), fast.eval()
     fast.check_token_ids = False  # its range check is a host sync: a graph break by design

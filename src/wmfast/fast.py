@@ -57,9 +57,10 @@ class FastOptions:
     mode:      torch.compile mode; "reduce-overhead" uses CUDA graphs (each call
                then overwrites the previous call's output: clone what you keep).
     dynamic:   None: torch.compile's default (a second sequence length recompiles
-               once, as dynamic); True: one graph for every sequence length from
-               the start; False: one graph per length. Either way length 1 gets
-               a graph of its own: PyTorch specializes sizes 0 and 1.
+               once, as dynamic); True: one graph for every batch size and
+               sequence length from the start; False: one graph per shape.
+               Either way length 1 gets a graph of its own: PyTorch
+               specializes sizes 0 and 1.
     rotary:    "auto", "triton" or "torch" (see wmfast.backends).
     attention: "auto", "sdpa" or "flash_attn".
     """
@@ -117,6 +118,8 @@ def _compiled_forward(mode: str | None, dynamic: bool | None) -> Callable:
 def _dynamic_ids(input_ids: torch.Tensor) -> torch.Tensor:
     """An alias of input_ids whose batch and length dimensions compile as dynamic
     (an alias, so the mark does not follow the caller's tensor elsewhere)."""
+    import torch._dynamo  # loaded by torch.compile already; named here for readers
+
     ids = input_ids.view(input_ids.shape)
     torch._dynamo.maybe_mark_dynamic(ids, 0)  # "maybe": sizes 0 and 1 still specialize
     torch._dynamo.maybe_mark_dynamic(ids, 1)
