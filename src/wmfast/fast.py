@@ -136,7 +136,7 @@ def _rotary_functions(impl: str) -> dict[str, Callable]:
             rotate_qk_in_place=ops.rotary_qk_packed_,
             embed_rotary=ops.embedding_rotation,
         )
-    return dict(rotate_qk=rotary_eager.rotary_qk, embed_rotary=_torch_embedding_rotation)
+    return dict(rotated_qkv=rotary_eager.rotated_qkv, embed_rotary=_torch_embedding_rotation)
 
 
 def _compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:

@@ -1,10 +1,13 @@
-"""The eager fused RoPE (wmfast.ops.rotary_eager) against the pure-torch
-reference: forward and gradients, on the layouts the fast path hands it."""
+"""The in-projection with RoPE in eager kernels (wmfast.ops.rotary_eager)
+against the reference: F.linear, then the pure-torch rotary_qk. Forward values
+(in the reference's feature order), attention scores, and the gradients of x,
+the weight and the bias."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,76 +17,98 @@ from wmfast.ops import rotary_eager
 from ..helpers import DEVICES, FP32_GRADS, FP32_LOGITS
 
 
+def reference_qkv(x, weight, bias, heads, cos, sin):
+    batch, seq_len, d_model = x.shape
+    q, k, v = F.linear(x, weight, bias).view(batch, seq_len, 3, heads, -1).unbind(2)
+    q, k = WF.rotary_qk(q, k, cos, sin)
+    return q, k, v
+
+
+def reference_order(t: torch.Tensor) -> torch.Tensor:
+    """Undo the interleaving of each head's features: (..., D) -> (..., D)."""
+    return torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)
+
+
+def draw_inputs(seed, batch, seq_len, heads, head_dim, device, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    d_model = heads * head_dim
+    x = torch.randn(batch, seq_len, d_model, generator=gen)
+    weight = torch.randn(3 * d_model, d_model, generator=gen) / d_model**0.5
+    bias = torch.randn(3 * d_model, generator=gen)
+    tensors = [t.to(device, dtype).requires_grad_() for t in (x, weight, bias)]
+    cos, sin = WF.rotary_tables(seq_len, WF.rotary_inv_freq(head_dim).to(device))
+    return tensors, cos, sin, gen
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @given(
     batch=st.integers(1, 3),
     seq_len=st.sampled_from([1, 3, 7, 16]),
     heads=st.integers(1, 4),
     head_dim=st.sampled_from([2, 8, 48, 96]),
-    tables=st.sampled_from(["shared", "per_batch", "broadcast_batch"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_rotary_qk_matches_reference_forward_and_grads(
-    device, batch, seq_len, heads, head_dim, tables, seed
+def test_rotated_qkv_matches_reference_forward_and_grads(
+    device, batch, seq_len, heads, head_dim, seed
 ):
-    gen = torch.Generator().manual_seed(seed)
-    # q and k as the fast path gets them: strided views into the packed projection
-    qkv = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(device)
-    qkv.requires_grad_()
-    inv_freq = WF.rotary_inv_freq(head_dim).to(device)
-    if tables == "shared":  # (T, D/2): what transformer_forward passes
-        cos, sin = WF.rotary_tables(seq_len, inv_freq)
-    elif tables == "per_batch":  # (B, T, D/2): pos_encoder's output
-        cos, sin = WF.rotary_qk_tables(batch, seq_len, inv_freq)
-    else:  # (B, T, D/2) with batch stride 0
-        cos, sin = (t.expand(batch, -1, -1) for t in WF.rotary_tables(seq_len, inv_freq))
-    w_q, w_k = (
-        torch.randn(batch, seq_len, heads, head_dim, generator=gen).to(device) for _ in range(2)
-    )
+    (x, weight, bias), cos, sin, gen = draw_inputs(seed, batch, seq_len, heads, head_dim, device)
+    # a loss that weighs q and k through the scores (blind to their shared
+    # feature order) and v per feature
+    w_scores = torch.randn(batch, heads, seq_len, seq_len, generator=gen).to(device)
+    w_v = torch.randn(batch, seq_len, heads, head_dim, generator=gen).to(device)
 
     def run(fn):
-        q, k = fn(qkv[:, :, 0], qkv[:, :, 1], cos, sin)
-        loss = (q * w_q).sum() + (k * w_k).sum()
-        return (q, k), torch.autograd.grad(loss, qkv)[0]
+        q, k, v = fn(x, weight, bias, heads, cos, sin)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
+        loss = (scores * w_scores).sum() + (v * w_v).sum()
+        return (q, k, v, scores), torch.autograd.grad(loss, (x, weight, bias))
 
-    (q, k), grad = run(rotary_eager.rotary_qk)
-    (q_ref, k_ref), grad_ref = run(WF.rotary_qk)
-    torch.testing.assert_close(q, q_ref, **FP32_LOGITS)
-    torch.testing.assert_close(k, k_ref, **FP32_LOGITS)
-    torch.testing.assert_close(grad, grad_ref, **FP32_GRADS)
-    assert grad.abs().sum() > 0
-
-
-def test_rotary_qk_outputs_never_alias_inputs():
-    q, k, _ = torch.randn(2, 5, 3, 2, 8).unbind(2)  # views into a packed projection
-    cos, sin = WF.rotary_tables(5, WF.rotary_inv_freq(8))
-    before = q.clone()
-    q_out, k_out = rotary_eager.rotary_qk(q, k, cos, sin)
-    assert q_out.data_ptr() != q.data_ptr() and k_out.data_ptr() != k.data_ptr()
-    assert torch.equal(q, before)
+    (q, k, v, scores), grads = run(rotary_eager.rotated_qkv)
+    (q_ref, k_ref, v_ref, scores_ref), grads_ref = run(reference_qkv)
+    torch.testing.assert_close(reference_order(q), q_ref, **FP32_LOGITS)
+    torch.testing.assert_close(reference_order(k), k_ref, **FP32_LOGITS)
+    torch.testing.assert_close(v, v_ref, **FP32_LOGITS)
+    torch.testing.assert_close(scores, scores_ref, **FP32_LOGITS)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, **FP32_GRADS)
+        assert want.abs().sum() > 0
 
 
-def test_rotary_qk_table_gradients_match_reference():
-    """Tables that need a gradient (an nnsight edit of pos_encoder) go through
-    the reference math: their gradients must exist and be right."""
-    gen = torch.Generator().manual_seed(7)
-    q, k = torch.randn(2, 2, 6, 3, 16, generator=gen).unbind(0)
-    cos, sin = WF.rotary_qk_tables(2, 6, WF.rotary_inv_freq(16))
+def test_interleaved_rows_pair_each_head_and_keep_v():
+    rows = rotary_eager.interleaved_rows(12, 2, torch.device("cpu")).tolist()  # head dim 6
+    assert rows[:6] == [0, 3, 1, 4, 2, 5]  # q, head 0: pairs (j, j + 3) side by side
+    assert rows[6:12] == [6, 9, 7, 10, 8, 11]  # q, head 1
+    assert rows[12:18] == [12, 15, 13, 16, 14, 17]  # k, head 0
+    assert rows[24:] == list(range(24, 36))  # v as it is
+    assert sorted(rows) == list(range(36))
+
+
+def test_rotated_qkv_leaves_its_inputs_unchanged():
+    (x, weight, bias), cos, sin, _ = draw_inputs(5, 2, 5, 2, 8, "cpu")
+    before = [t.detach().clone() for t in (x, weight, bias)]
+    q, k, v = rotary_eager.rotated_qkv(x, weight, bias, 2, cos, sin)
+    (q.sum() + k.sum() + v.sum()).backward()
+    for t, old in zip((x, weight, bias), before, strict=True):
+        assert torch.equal(t.detach(), old)
+
+
+def test_rotated_qkv_table_gradients_take_the_reference():
+    """Tables that need a gradient take the reference math, in the reference order."""
+    (x, weight, bias), cos, sin, _ = draw_inputs(7, 2, 6, 3, 16, "cpu")
     grads = []
-    for fn in (rotary_eager.rotary_qk, WF.rotary_qk):
+    for fn in (rotary_eager.rotated_qkv, reference_qkv):
         c, s = cos.clone().requires_grad_(), sin.clone().requires_grad_()
-        q_out, k_out = fn(q, k, c, s)
-        grads.append(torch.autograd.grad((q_out * k_out).sum(), (c, s)))
+        q, k, _ = fn(x, weight, bias, 3, c, s)
+        grads.append(torch.autograd.grad((q * k).sum(), (c, s)))
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, **FP32_GRADS)
 
 
-def test_rotary_qk_bf16_equals_reference_bitwise():
+def test_rotated_qkv_bf16_equals_reference_bitwise():
     """bf16 storage takes the reference math (fp32 inside, one rounding)."""
-    gen = torch.Generator().manual_seed(3)
-    q, k = torch.randn(2, 2, 5, 2, 32, generator=gen).to(torch.bfloat16).unbind(0)
-    cos, sin = WF.rotary_tables(5, WF.rotary_inv_freq(32))
-    got_qk, want_qk = rotary_eager.rotary_qk(q, k, cos, sin), WF.rotary_qk(q, k, cos, sin)
-    for got, want in zip(got_qk, want_qk, strict=True):
-        assert got.dtype == torch.bfloat16
-        assert torch.equal(got, want)
+    (x, weight, bias), cos, sin, _ = draw_inputs(3, 2, 5, 2, 32, "cpu", torch.bfloat16)
+    got = rotary_eager.rotated_qkv(x, weight, bias, 2, cos, sin)
+    want = reference_qkv(x, weight, bias, 2, cos, sin)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert torch.equal(g, w)

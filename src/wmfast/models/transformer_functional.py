@@ -108,6 +108,7 @@ def statics_of(model) -> Statics:
 
 RotateQK = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 RotateQKInPlace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+RotatedQKV = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 EmbedRotary = Callable[..., torch.Tensor]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -135,6 +136,7 @@ def transformer_forward(
     attend: Attend | None = None,
     record: Callable[[str, object], None] | None = None,
     rotate_qk_in_place: RotateQKInPlace | None = None,
+    rotated_qkv: RotatedQKV | None = None,
 ) -> torch.Tensor:
     """logits (B, T, d_vocab) for input_ids (B, T); see TransformerModel.forward.
 
@@ -146,6 +148,11 @@ def transformer_forward(
     nothing needs the unrotated values then, so no new q/k tensors are
     allocated. Compiled calls leave buffer reuse to Inductor's memory planning
     and take the out-of-place op, the plainer case for its functionalization.
+    ``rotated_qkv(x, in_proj_weight, in_proj_bias, n_heads, cos, sin)``, if
+    given, replaces the in-projection and the rotation together: it returns
+    (q, k, v) with q and k rotated, possibly with each head's features in
+    another order shared by q and k (wmfast.ops.rotary_eager), which attention
+    cannot see; with ``record`` the order matters, so it is not used then.
     """
     from wmfast.attention_backends import sdpa_causal
 
@@ -179,15 +186,19 @@ def transformer_forward(
     # the feed-forward block with an in-place ReLU (wmfast.ops.mlp_eager) where
     # nothing needs linear1's own output: no record, no dropout between the two
     fuse_mlp = statics.act_fn == "relu" and record is None and not (train and p > 0)
+    reordered_qk = rope is not None and rotated_qkv is not None and record is None
     for i, w in enumerate(weights.layers):
         path = f"transformer_encoder.layers.{i}"
-        qkv = F.linear(x, w.in_proj_weight, w.in_proj_bias).view(batch, seq_len, 3, heads, -1)
-        if rope is not None and in_place:
-            rotate_qk_in_place(qkv, *rope)
-        q, k, v = qkv.unbind(2)  # (B, T, H, D) views
-        if rope is not None and not in_place:
-            q, k = rotate_qk(q, k, *rope)
-            note(f"{path}.self_attn.rotary", (q, k))
+        if reordered_qk:
+            q, k, v = rotated_qkv(x, w.in_proj_weight, w.in_proj_bias, heads, *rope)
+        else:
+            qkv = F.linear(x, w.in_proj_weight, w.in_proj_bias).view(batch, seq_len, 3, heads, -1)
+            if rope is not None and in_place:
+                rotate_qk_in_place(qkv, *rope)
+            q, k, v = qkv.unbind(2)  # (B, T, H, D) views
+            if rope is not None and not in_place:
+                q, k = rotate_qk(q, k, *rope)
+                note(f"{path}.self_attn.rotary", (q, k))
         attn = attend(q, k, v, p if train else 0.0).reshape(batch, seq_len, d_model)
         sa = F.linear(attn, w.out_proj_weight, w.out_proj_bias)
         note(f"{path}.self_attn", sa)
