@@ -112,3 +112,12 @@ def test_rotated_qkv_bf16_equals_reference_bitwise():
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.bfloat16
         assert torch.equal(g, w)
+
+
+def test_rotated_qkv_without_bias_matches_reference():
+    (x, weight, _), cos, sin, _ = draw_inputs(11, 2, 7, 2, 16, "cpu")
+    got = rotary_eager.rotated_qkv(x, weight, None, 2, cos, sin)
+    want = reference_qkv(x, weight, None, 2, cos, sin)
+    torch.testing.assert_close(reference_order(got[0]), want[0], **FP32_LOGITS)
+    torch.testing.assert_close(reference_order(got[1]), want[1], **FP32_LOGITS)
+    torch.testing.assert_close(got[2], want[2], **FP32_LOGITS)

@@ -102,6 +102,7 @@ def rotated_qkv(
     head_dim = d_model // n_heads
     fused = (
         x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
         and not torch.is_autocast_enabled(x.device.type)
         and not (cos.requires_grad or sin.requires_grad)
         and not torch.compiler.is_compiling()
