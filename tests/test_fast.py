@@ -340,6 +340,46 @@ def test_fast_under_bf16_autocast_is_close_to_fp32_reference(pe):
     assert fast.embedding.weight.grad is not None
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+def test_per_sample_gradients_through_torch_func_equal_the_reference(pe):
+    # vmap(grad(...)) over functional_call: wmfast's autograd Functions have no
+    # functorch rules, so under a transform the fast model runs the plain math
+    reference, fast = _pair(small_config(positional_embedding_type=pe))
+    params = {name: p.detach() for name, p in reference.named_parameters()}
+    ids = random_ids(17, 50, 3, 9)
+    per_sample = []
+    for model in (reference, fast):
+        model.check_token_ids = False  # a host sync: no value to read under vmap
+
+        def loss(p, one_ids, model=model):
+            logits = torch.func.functional_call(model, p, (one_ids.unsqueeze(0),))
+            return (logits * logits.detach().sign()).mean()
+
+        per_sample.append(torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, ids))
+    assert fast._fast.last_plan.compiled is False
+    for name in params:
+        want = per_sample[0][name]
+        torch.testing.assert_close(per_sample[1][name], want, **FP32_GRADS, msg=name)
+        assert want.shape[0] == 3 and want.abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_vmap_runs_the_plain_math_where_the_rules_would_compile():
+    # no-grad on CPU compiles by the rules; under vmap the runner must leave
+    # compile and its custom ops (Triton ones on CUDA) aside
+    reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"))
+    reference.eval(), fast.eval()
+    ids = random_ids(19, 50, 3, 9)
+    outs = []
+    for model in (reference, fast):
+        model.check_token_ids = False
+        with torch.no_grad():
+            outs.append(torch.func.vmap(lambda one, m=model: m(one.unsqueeze(0))[0])(ids))
+    assert fast._fast.last_plan.compiled is False
+    torch.testing.assert_close(outs[1], outs[0], **FP32_LOGITS)
+
+
 @pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
 def test_fast_survives_deepcopy_and_pickle(clone, caplog):
     reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"))

@@ -19,6 +19,10 @@ compile        CUDA: always. CPU: only with grad disabled (inference):
                measured on 2 cores, torch.compile makes the no-grad
                forward 1.7x faster but the training step 0.8x slower.
 =============  ===========================================================
+
+Under a torch.func transform (grad, vmap, jacrev, ...) the fast forward runs
+the plain math, uncompiled, whatever the rules say: wmfast's autograd
+Functions and custom ops define no functorch rules.
 """
 
 from __future__ import annotations
@@ -70,3 +74,10 @@ def resolve_compile(choice: str, device: torch.device, grad_enabled: bool) -> bo
     if choice == "auto":
         return device.type == "cuda" or (device.type == "cpu" and not grad_enabled)
     return choice == "always"
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a torch.func transform is running (the question
+    torch.autograd.Function.apply asks before it refuses a Function without
+    functorch support)."""
+    return torch._C._are_functorch_transforms_active()

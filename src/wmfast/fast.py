@@ -186,6 +186,12 @@ class FastRunner:
         if not isinstance(model, TransformerModel):
             self.last_plan = self.plan(model)
             return model.forward_modules(input_ids)  # cuDNN recurrence: see module docstring
+        if backends.functorch_transforms_active():
+            # torch.func (per-sample gradients, Jacobians): the plain math only
+            self.last_plan = Plan(compiled=False, rotary="torch", attention="sdpa")
+            return transformer_forward(
+                gather_weights(model), input_ids, statics_of(model), record=record
+            )
         plan = self.plan(model, input_ids.device)
         if record is not None:
             plan = plan._replace(compiled=False)

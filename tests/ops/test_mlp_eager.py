@@ -62,6 +62,24 @@ def test_in_place_kernels_equal_the_composition(
                 torch.testing.assert_close(got, expected, **FP32_GRADS)
 
 
+def test_torch_func_transforms_take_the_composition(monkeypatch):
+    """The in-place Function has no functorch rules: under torch.func.grad a
+    block at the fused size must run the composition, with its gradients."""
+    calls = _count_fused_calls(monkeypatch)
+    d_model, d_mlp = 4, mlp_eager.MIN_FUSED_HIDDEN // 2**12
+    x, w1, b1, w2, b2 = _inputs(3, 1, 2**12, d_model, d_mlp, torch.float32, "cpu")
+
+    def loss(w1):
+        return mlp_eager.relu_mlp(x, w1, b1, w2, b2).square().mean()
+
+    got = torch.func.grad(loss)(w1)
+    assert calls[0] == 0
+    want = torch.func.grad(lambda w: _composition(x, w, b1, w2, b2).square().mean())(w1)
+    torch.testing.assert_close(got, want, **FP32_GRADS)
+    mlp_eager.relu_mlp(x, w1, b1, w2, b2)  # outside a transform: the fused kernels
+    assert calls[0] == 1
+
+
 def _count_fused_calls(monkeypatch) -> list[int]:
     calls = [0]
     apply = mlp_eager._ReluMLP.apply

@@ -121,3 +121,17 @@ def test_rotated_qkv_without_bias_matches_reference():
     torch.testing.assert_close(reference_order(got[0]), want[0], **FP32_LOGITS)
     torch.testing.assert_close(reference_order(got[1]), want[1], **FP32_LOGITS)
     torch.testing.assert_close(got[2], want[2], **FP32_LOGITS)
+
+
+def test_torch_func_transforms_take_the_reference_math():
+    """The in-place Function has no functorch rules: under torch.func.grad the
+    projection runs the reference math (in the reference order)."""
+    (x, weight, bias), cos, sin, _ = draw_inputs(13, 2, 6, 2, 8, "cpu")
+
+    def loss(fn, w):
+        q, k, v = fn(x.detach(), w, bias.detach(), 2, cos, sin)
+        return (q * k).sum() + v.square().sum()
+
+    got = torch.func.grad(lambda w: loss(rotary_eager.rotated_qkv, w))(weight.detach())
+    want = torch.func.grad(lambda w: loss(reference_qkv, w))(weight.detach())
+    assert torch.equal(got, want)

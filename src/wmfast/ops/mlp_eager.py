@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from wmfast import backends
+
 Tensor = torch.Tensor
 
 # tokens * d_mlp from which the in-place kernels run (4 MiB of fp32 activation)
@@ -62,13 +64,15 @@ def relu_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tenso
 
     Runs the in-place kernels when the hidden activation has at least
     MIN_FUSED_HIDDEN elements, all tensors share a dtype and device, and
-    neither autocast nor torch.compile is active (Inductor fuses the
-    composition itself; autocast would change dtypes between forward and
-    backward); otherwise the composition.
+    neither autocast, torch.compile nor a torch.func transform is active
+    (Inductor fuses the composition itself; autocast would change dtypes
+    between forward and backward; this Function has no functorch rules);
+    otherwise the composition.
     """
     tensors = (x, w1, b1, w2, b2)
     fused = (
         not torch.compiler.is_compiling()
+        and not backends.functorch_transforms_active()
         and x.numel() // max(x.shape[-1], 1) * w1.shape[0] >= MIN_FUSED_HIDDEN
         and not torch.is_autocast_enabled(x.device.type)
         and len({t.dtype for t in tensors}) == 1

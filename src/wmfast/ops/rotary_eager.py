@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from wmfast import backends
 from wmfast import functional as WF
 
 Tensor = torch.Tensor
@@ -94,7 +95,7 @@ def rotated_qkv(
     q and k come back with each head's features in the interleaved order
     (both alike, so attention computes the same scores); v in its own order.
     Only fp32 without autocast, with tables that need no gradient, outside
-    torch.compile, takes the complex multiply; every other case runs the
+    torch.compile and torch.func transforms, takes the complex multiply; every other case runs the
     reference math in the reference order (under torch.compile Inductor
     fuses that into one loop itself).
     """
@@ -106,6 +107,7 @@ def rotated_qkv(
         and not torch.is_autocast_enabled(x.device.type)
         and not (cos.requires_grad or sin.requires_grad)
         and not torch.compiler.is_compiling()
+        and not backends.functorch_transforms_active()
     )
     if not fused:
         q, k, v = F.linear(x, weight, bias).view(batch, seq_len, 3, n_heads, head_dim).unbind(2)
