@@ -380,6 +380,17 @@ def test_vmap_runs_the_plain_math_where_the_rules_would_compile():
     torch.testing.assert_close(outs[1], outs[0], **FP32_LOGITS)
 
 
+@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+def test_trains_after_a_first_call_under_inference_mode(pe):
+    # nothing made during an inference_mode call may be kept and later saved
+    # for backward (inference tensors cannot be)
+    reference, fast = _pair(small_config(positional_embedding_type=pe), compile="never")
+    ids = random_ids(23, 50, 2, 9)
+    with torch.inference_mode():
+        fast(ids)
+    assert_same_function(reference, fast, ids, train=True)
+
+
 @pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
 def test_fast_survives_deepcopy_and_pickle(clone, caplog):
     reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"))

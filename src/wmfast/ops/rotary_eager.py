@@ -26,8 +26,6 @@ transpose).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -38,16 +36,19 @@ from wmfast import functional as WF
 Tensor = torch.Tensor
 
 
-@functools.cache
 def interleaved_rows(d_model: int, n_heads: int, device: torch.device) -> Tensor:
     """(3 d_model,) indices: in_proj's rows with each q and k head's features
-    ordered (0, D/2, 1, D/2 + 1, ...); the v rows unchanged."""
+    ordered (0, D/2, 1, D/2 + 1, ...); the v rows unchanged.
+
+    Built per call (a few tiny ops) rather than cached: a cached index first
+    made under torch.inference_mode would be an inference tensor, which a
+    later training step's index_select cannot save for backward."""
     head_dim = d_model // n_heads
-    half = torch.arange(head_dim // 2)
+    half = torch.arange(head_dim // 2, device=device)
     within = torch.stack((half, half + head_dim // 2), dim=1).flatten()  # (D,)
-    starts = torch.arange(2 * n_heads).unsqueeze(1) * head_dim  # q heads, then k heads
+    starts = torch.arange(2 * n_heads, device=device).unsqueeze(1) * head_dim  # q, then k heads
     qk_rows = (starts + within).flatten()  # (2 d_model,)
-    return torch.cat((qk_rows, torch.arange(2 * d_model, 3 * d_model))).to(device)
+    return torch.cat((qk_rows, torch.arange(2 * d_model, 3 * d_model, device=device)))
 
 
 def _qk_pairs(qkv: Tensor, seq_len: int, n_heads: int) -> Tensor:
