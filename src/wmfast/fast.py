@@ -170,6 +170,9 @@ class FastRunner:
         device = device or model.embedding.weight.device
         grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
         rotates = model.positional_embedding_type in ("rotary", "rotary_qk")
+        if backends.functorch_transforms_active():
+            # torch.func (per-sample gradients, Jacobians): the plain math only
+            return Plan(compiled=False, rotary="torch" if rotates else "none", attention="sdpa")
         return Plan(
             compiled=backends.resolve_compile(self.options.compile, device, grad),
             rotary=backends.resolve_rotary(self.options.rotary, device) if rotates else "none",
@@ -186,12 +189,6 @@ class FastRunner:
         if not isinstance(model, TransformerModel):
             self.last_plan = self.plan(model)
             return model.forward_modules(input_ids)  # cuDNN recurrence: see module docstring
-        if backends.functorch_transforms_active():
-            # torch.func (per-sample gradients, Jacobians): the plain math only
-            self.last_plan = Plan(compiled=False, rotary="torch", attention="sdpa")
-            return transformer_forward(
-                gather_weights(model), input_ids, statics_of(model), record=record
-            )
         plan = self.plan(model, input_ids.device)
         if record is not None:
             plan = plan._replace(compiled=False)
