@@ -81,3 +81,16 @@ def functorch_transforms_active() -> bool:
     torch.autograd.Function.apply asks before it refuses a Function without
     functorch support)."""
     return torch._C._are_functorch_transforms_active()
+
+
+def eager_functions_allowed(device_type: str) -> bool:
+    """Whether wmfast's eager autograd Functions (wmfast.ops.*_eager) may run
+    instead of the plain math they replace: not while torch.compile traces
+    (Inductor fuses the plain math itself), not under a torch.func transform
+    (they define no functorch rules), not under autocast (dtypes would change
+    between their forward and backward)."""
+    return not (
+        torch.compiler.is_compiling()
+        or functorch_transforms_active()
+        or torch.is_autocast_enabled(device_type)
+    )

@@ -64,17 +64,13 @@ def relu_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tenso
 
     Runs the in-place kernels when the hidden activation has at least
     MIN_FUSED_HIDDEN elements, all tensors share a dtype and device, and
-    neither autocast, torch.compile nor a torch.func transform is active
-    (Inductor fuses the composition itself; autocast would change dtypes
-    between forward and backward; this Function has no functorch rules);
-    otherwise the composition.
+    ``backends.eager_functions_allowed`` (no torch.compile, torch.func
+    transform or autocast); otherwise the composition.
     """
     tensors = (x, w1, b1, w2, b2)
     fused = (
-        not torch.compiler.is_compiling()
-        and not backends.functorch_transforms_active()
+        backends.eager_functions_allowed(x.device.type)
         and x.numel() // max(x.shape[-1], 1) * w1.shape[0] >= MIN_FUSED_HIDDEN
-        and not torch.is_autocast_enabled(x.device.type)
         and len({t.dtype for t in tensors}) == 1
         and len({t.device for t in tensors}) == 1
     )

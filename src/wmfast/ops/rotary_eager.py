@@ -95,20 +95,18 @@ def rotated_qkv(
 
     q and k come back with each head's features in the interleaved order
     (both alike, so attention computes the same scores); v in its own order.
-    Only fp32 without autocast, with tables that need no gradient, outside
-    torch.compile and torch.func transforms, takes the complex multiply; every other case runs the
-    reference math in the reference order (under torch.compile Inductor
-    fuses that into one loop itself).
+    Only fp32, with tables that need no gradient, where
+    ``backends.eager_functions_allowed`` (no torch.compile, torch.func
+    transform or autocast), takes the complex multiply; every other case runs
+    the reference math in the reference order.
     """
     batch, seq_len, d_model = x.shape
     head_dim = d_model // n_heads
     fused = (
-        x.dtype == weight.dtype == torch.float32
+        backends.eager_functions_allowed(x.device.type)
+        and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
-        and not torch.is_autocast_enabled(x.device.type)
         and not (cos.requires_grad or sin.requires_grad)
-        and not torch.compiler.is_compiling()
-        and not backends.functorch_transforms_active()
     )
     if not fused:
         q, k, v = F.linear(x, weight, bias).view(batch, seq_len, 3, n_heads, head_dim).unbind(2)
