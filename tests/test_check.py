@@ -292,3 +292,10 @@ def test_missing_nnsight_exits_2_unless_no_paths(monkeypatch, capsys):
     )
     assert main(["check", "--no-speed"]) == 2
     assert "pip install 'wmfast[interp]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "pair_s, repeats", [(0.001, 200), (0.007, 42), (0.04, 7), (0.1, 5), (2.0, 5), (0.0, 200)]
+)
+def test_speed_takes_as_many_pairs_as_fit_the_budget_within_bounds(pair_s, repeats):
+    assert wc.repeats_within(0.3, pair_s) == repeats

@@ -380,10 +380,19 @@ def alternating_medians(
     return statistics.median(baseline_times), statistics.median(candidate_times)
 
 
-def measure_speed(reference, candidate, input_ids, device, dtype, repeats: int = 5) -> dict:
+def repeats_within(budget_s: float, pair_s: float, least: int = 5, most: int = 200) -> int:
+    """How many alternating pairs fit in ``budget_s`` when one pair takes
+    ``pair_s``: small models take milliseconds a call, and a median of 5 such
+    calls moves by 10% from run to run on a busy machine."""
+    fit = int(budget_s / pair_s) if pair_s > 0 else most
+    return max(least, min(most, fit))
+
+
+def measure_speed(reference, candidate, input_ids, device, dtype, budget_s: float = 0.3) -> dict:
     """Median seconds of a no-grad forward and a training step (forward,
     cross-entropy, backward, AdamW), each model warmed up first (compiles happen
-    outside the timing), alternating so drift hits both alike."""
+    outside the timing), alternating so drift hits both alike; as many pairs
+    as fit in about ``budget_s`` per direction (5 at least)."""
     out = {}
 
     def forward(model):
@@ -409,10 +418,16 @@ def measure_speed(reference, candidate, input_ids, device, dtype, repeats: int =
         ("forward", forward),
         ("train_step", lambda m: train_step(m, optimizers[id(m)])),
     ):
-        for model in (reference, candidate, candidate):
+        for model in (reference, candidate):
             run(model)  # warm-up (and compile) outside the timing
+        pair_s = call_seconds(lambda run=run: run(reference), device) + call_seconds(
+            lambda run=run: run(candidate), device
+        )
         r, c = alternating_medians(
-            lambda run=run: run(reference), lambda run=run: run(candidate), device, repeats
+            lambda run=run: run(reference),
+            lambda run=run: run(candidate),
+            device,
+            repeats_within(budget_s, pair_s),
         )
         out[name] = {"reference_s": r, "candidate_s": c, "speedup": r / c if c > 0 else None}
     return out
