@@ -9,6 +9,7 @@ from wmfast.checkpoint import CheckpointError, load_model, save_run
 from wmfast.config import ConfigError, ModelConfig, TrainingConfig
 from wmfast.determinism import set_deterministic
 from wmfast.fast import FastOptions, describe, make_fast
+from wmfast.patterns import attention_pattern, attention_patterns
 from wmfast.wrappers import (
     LSTMModelWrapper,
     ModelWrapper,
@@ -30,6 +31,8 @@ __all__ = [
     "TrainingConfig",
     "TransformerModelWrapper",
     "__version__",
+    "attention_pattern",
+    "attention_patterns",
     "build_model",
     "describe",
     "load_model",
