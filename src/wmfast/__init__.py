@@ -4,6 +4,7 @@ Change ``from workingmem.model import ...`` to ``from wmfast import ...``.
 Importing wmfast is cheap: it never touches CUDA, triton or nnsight.
 """
 
+from wmfast.activations import run_with_cache
 from wmfast.build import VARIANTS, build_model
 from wmfast.checkpoint import CheckpointError, load_model, save_run
 from wmfast.config import ConfigError, ModelConfig, TrainingConfig
@@ -37,6 +38,7 @@ __all__ = [
     "describe",
     "load_model",
     "make_fast",
+    "run_with_cache",
     "save_run",
     "set_deterministic",
 ]
