@@ -135,3 +135,15 @@ def test_a_failing_forward_leaves_no_hooks():
     with pytest.raises(ValueError, match="out of range"):
         run_with_cache(model, torch.full((1, 4), 50))
     assert not hooks_registered(model)
+
+
+@pytest.mark.parametrize("pe, act_fn", [("rotary_qk", "relu"), ("standard", "gelu")])
+def test_the_ffn_dropout_holds_the_neurons_after_the_activation_in_eval_mode(pe, act_fn):
+    """README's pointer for neuron activations: ``layers[i].dropout`` runs
+    right after the activation."""
+    model = reference_model(small_config(positional_embedding_type=pe, act_fn=act_fn, seed=11))
+    _, cache = run_with_cache(model.eval(), random_ids(12, 50, 2, 7))
+    activation = torch.nn.functional.relu if act_fn == "relu" else torch.nn.functional.gelu
+    for i in range(2):
+        path = f"transformer_encoder.layers.{i}"
+        assert torch.equal(cache[f"{path}.dropout"], activation(cache[f"{path}.linear1"]))
