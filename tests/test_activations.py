@@ -14,7 +14,14 @@ from wmfast.fast import make_fast
 from wmfast.interp import hooks_registered
 from wmfast.models.transformer_functional import gather_weights, statics_of, transformer_forward
 
-from .helpers import FP32_LOGITS, POSITIONAL_TYPES, random_ids, reference_model, small_config
+from .helpers import (
+    DEVICES,
+    FP32_LOGITS,
+    POSITIONAL_TYPES,
+    random_ids,
+    reference_model,
+    small_config,
+)
 
 MODES = {
     "eval, no grad": (False, False),  # where the reference's fused encoder path runs
@@ -92,12 +99,13 @@ def test_recurrent_models_cache_their_cores(cls):
     torch.testing.assert_close(cache["embedding"], model.embedding(ids), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
-def test_fast_models_give_the_reference_cache_and_keep_their_fast_path(pe):
+def test_fast_models_give_the_reference_cache_and_keep_their_fast_path(pe, device):
     config = small_config(positional_embedding_type=pe, seed=4)
-    reference = reference_model(config)
-    fast = make_fast(reference_model(config))
-    ids = random_ids(5, config.d_vocab, 3, 9)
+    reference = reference_model(config).to(device)
+    fast = make_fast(reference_model(config).to(device))
+    ids = random_ids(5, config.d_vocab, 3, 9).to(device)
     (_, want), (_, got) = run_with_cache(reference, ids), run_with_cache(fast, ids)
     assert set(got) == set(want)
     for path in want:
