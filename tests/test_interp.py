@@ -311,3 +311,20 @@ def test_guide_causal_intervention(NNsight, pe):
     difference = normal_output - intervened_output
     assert difference.abs().mean() > 1e-3  # positions matter
     torch.testing.assert_close(normal_output, model(input_ids), **FP32_LOGITS)
+
+
+def test_patterns_and_cache_take_an_nnsight_wrapped_model(NNsight):
+    import wmfast
+    from wmfast.interp import unwrap
+
+    model = build_model(small_config(positional_embedding_type="rotary_qk", seed=14))
+    wrapped = NNsight(model)
+    assert unwrap(wrapped) is model and unwrap(model) is model
+    ids = random_ids(15, 50, 2, 6)
+    for got, want in zip(
+        wmfast.attention_patterns(wrapped, ids), wmfast.attention_patterns(model, ids), strict=True
+    ):
+        assert torch.equal(got, want)
+    (_, got), (_, want) = wmfast.run_with_cache(wrapped, ids), wmfast.run_with_cache(model, ids)
+    assert got.keys() == want.keys()
+    assert torch.equal(got["transformer_encoder.layers.1"], want["transformer_encoder.layers.1"])

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from wmfast.interp import unwrap
+
 
 def run_with_cache(
     model: nn.Module, input_ids: torch.Tensor, names: Iterable[str] | None = None
@@ -29,11 +31,13 @@ def run_with_cache(
     such as ``self_attn``'s ``(output, None)``, "rotary_qk"'s rotated ``(q, k)``
     and its ``pos_encoder``'s ``(cos, sin)``), for every submodule or only
     ``names``. Tensors keep their autograd history where grad is enabled.
+    ``model`` may be wrapped by nnsight (``wmfast.interp.NNsight(model)``).
     Modules that never run have no entry: containers
     (``transformer_encoder.layers``) and nn.MultiheadAttention's
     ``out_proj``, whose weights it uses without calling it. A module that runs
     twice (none of wmfast's do) keeps its last output.
     """
+    model = unwrap(model)
     modules = dict(model.named_modules())
     modules.pop("", None)  # the root's output is the logits
     wanted = list(modules) if names is None else list(names)

@@ -8,6 +8,7 @@
 * ``hooks_registered(module)``: whether PyTorch forward hooks would be skipped
   by the fast path (which calls no submodule); fast models then take their
   module path too.
+* ``unwrap(model)``: the torch module inside an nnsight wrapper.
 * ``NNsight``: ``nnsight.NNsight`` plus batching of several invokes that each
   take a (B, T) token-id tensor, so clean and ablated runs share one trace.
   This replaces the guide's ``LanguageModel(model.model)``, which fails on
@@ -56,6 +57,15 @@ def hooks_registered(module: torch.nn.Module) -> bool:
     return any(
         m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module
     )
+
+
+def unwrap(model: Any) -> Any:
+    """The torch module an nnsight wrapper (``NNsight(model)``) holds, or
+    ``model`` itself: for functions that take the plain module."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    inner = getattr(model, "_module", None)  # where nnsight 0.8's Envoy keeps it
+    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 def _check_nnsight_version(version: str) -> None:

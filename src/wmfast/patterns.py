@@ -24,6 +24,7 @@ import math
 import torch
 
 from wmfast.attention_backends import sdpa_causal
+from wmfast.interp import unwrap
 from wmfast.models.inputs import check_input_ids
 from wmfast.models.transformer import TransformerModel
 from wmfast.models.transformer_functional import gather_weights, statics_of, transformer_forward
@@ -48,9 +49,10 @@ def attention_patterns(model: TransformerModel, input_ids: torch.Tensor) -> list
     a list of n_layers (B, n_heads, T, T) fp32 tensors.
 
     Computed as the model runs in eval mode (no dropout), whatever mode it is
-    in, and under the caller's grad mode; an nnsight wrapper's ``._model`` is
-    the model to pass.
+    in, and under the caller's grad mode. ``model`` may be wrapped by nnsight
+    (``wmfast.interp.NNsight(model)``).
     """
+    model = unwrap(model)
     if not isinstance(model, TransformerModel):
         raise TypeError(
             f"attention_patterns takes a wmfast transformer model; got {type(model).__name__} "
