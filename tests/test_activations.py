@@ -155,3 +155,12 @@ def test_the_ffn_dropout_holds_the_neurons_after_the_activation_in_eval_mode(pe,
     for i in range(2):
         path = f"transformer_encoder.layers.{i}"
         assert torch.equal(cache[f"{path}.dropout"], activation(cache[f"{path}.linear1"]))
+
+
+def test_the_logit_lens_of_the_last_layer_is_the_logits():
+    """README's logit lens: post-LN layers and no final norm, so output_layer
+    applies to any layer's output, and on the last one gives the logits."""
+    model = reference_model(small_config(positional_embedding_type="rotary", seed=13)).eval()
+    logits, cache = run_with_cache(model, random_ids(14, 50, 2, 7))
+    lens = model.output_layer(cache["transformer_encoder.layers.1"])
+    torch.testing.assert_close(lens, logits, rtol=0, atol=0)
