@@ -71,6 +71,15 @@ def reference_model(config: ModelConfig) -> torch.nn.Module:
     return build_model(config, variant="reference")
 
 
+def reference_and_fast(config: ModelConfig, device="cpu", **options):
+    """A reference model on ``device`` and the fast variant sharing its
+    parameters (``make_fast``'s keywords in ``options``)."""
+    from wmfast.fast import make_fast
+
+    reference = reference_model(config).to(device)
+    return reference, make_fast(reference, **options)
+
+
 # Devices the fast-vs-reference property tests run on: the CPU always, CUDA too
 # when present (so a GPU machine runs the same suite on the CUDA fast path).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

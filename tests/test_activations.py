@@ -19,6 +19,7 @@ from .helpers import (
     FP32_LOGITS,
     POSITIONAL_TYPES,
     random_ids,
+    reference_and_fast,
     reference_model,
     small_config,
 )
@@ -103,8 +104,7 @@ def test_recurrent_models_cache_their_cores(cls):
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 def test_fast_models_give_the_reference_cache_and_keep_their_fast_path(pe, device):
     config = small_config(positional_embedding_type=pe, seed=4)
-    reference = reference_model(config).to(device)
-    fast = make_fast(reference_model(config).to(device))
+    reference, fast = reference_and_fast(config, device)
     ids = random_ids(5, config.d_vocab, 3, 9).to(device)
     (_, want), (_, got) = run_with_cache(reference, ids), run_with_cache(fast, ids)
     assert set(got) == set(want)

@@ -33,6 +33,7 @@ from .helpers import (
     POSITIONAL_TYPES,
     kernel_device,
     random_ids,
+    reference_and_fast,
     small_config,
 )
 
@@ -80,11 +81,6 @@ def model_configs(draw, transformer_only=False):
 shapes = st.tuples(st.integers(1, 3), st.sampled_from([1, 2, 5, 9, 16]))
 
 
-def _pair(config, device="cpu", **options):
-    reference = build_model(config, variant="reference").to(device)
-    return reference, make_fast(reference, **options)
-
-
 def _grads(model, logits, weight):
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.autograd.grad((logits * weight).sum(), params, allow_unused=True)
@@ -120,14 +116,14 @@ def assert_same_function(reference, fast, ids, *, train=False, check_grads=True)
 @pytest.mark.parametrize("device", DEVICES)
 @given(model_configs(), shapes, st.integers(0, 2**31 - 1))
 def test_fast_equals_reference_eval_with_grad(device, config, shape, seed):
-    reference, fast = _pair(config, device, compile="never")
+    reference, fast = reference_and_fast(config, device, compile="never")
     assert_same_function(reference, fast, random_ids(seed, config.d_vocab, *shape))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(model_configs(), shapes, st.integers(0, 2**31 - 1))
 def test_fast_equals_reference_train_without_dropout(device, config, shape, seed):
-    reference, fast = _pair(config.replace(dropout=0.0), device, compile="never")
+    reference, fast = reference_and_fast(config.replace(dropout=0.0), device, compile="never")
     assert_same_function(reference, fast, random_ids(seed, config.d_vocab, *shape), train=True)
 
 
@@ -135,7 +131,7 @@ def test_fast_equals_reference_train_without_dropout(device, config, shape, seed
 @given(model_configs(transformer_only=True), shapes, st.integers(0, 2**31 - 1))
 def test_fast_equals_reference_under_no_grad_uncompiled(device, config, shape, seed):
     # the reference takes PyTorch's fused encoder path here
-    reference, fast = _pair(config, device, compile="never")
+    reference, fast = reference_and_fast(config, device, compile="never")
     ids = random_ids(seed, config.d_vocab, *shape).to(device)
     reference.eval(), fast.eval()
     with torch.no_grad():
@@ -162,7 +158,7 @@ def test_fast_with_triton_rotary_equals_reference(pe, heads_dim, seq_len, seed):
         seed=seed % 1000,
     )
     device = kernel_device()
-    reference, fast = _pair(config, device, rotary="triton", compile="never")
+    reference, fast = reference_and_fast(config, device, rotary="triton", compile="never")
     assert describe(fast)["rotary"] == "triton"
     ids = random_ids(seed, config.d_vocab, 2, seq_len).to(device)
     assert_same_function(reference, fast, ids)
@@ -182,7 +178,7 @@ def test_no_grad_fast_path_rotates_q_and_k_in_place_and_autograd_out_of_place(mo
     in_place = ops.rotary_qk_packed_
     monkeypatch.setattr(ops, "rotary_qk_packed_", lambda *a: (calls.append(a), in_place(*a))[1])
     config = small_config(positional_embedding_type="rotary_qk")
-    reference, fast = _pair(config, kernel_device(), rotary="triton", compile="never")
+    reference, fast = reference_and_fast(config, kernel_device(), rotary="triton", compile="never")
     ids = random_ids(5, config.d_vocab, 2, 7).to(kernel_device())
     reference.eval(), fast.eval()
     with torch.no_grad():
@@ -209,7 +205,7 @@ def compiled_pairs():
 
     def get(device, name):
         if (device, name) not in pairs:
-            pairs[device, name] = _pair(COMPILED_CONFIGS[name], device)
+            pairs[device, name] = reference_and_fast(COMPILED_CONFIGS[name], device)
         return pairs[device, name]
 
     return get
@@ -233,13 +229,13 @@ def test_compile_always_trains_like_the_reference(device):
     # the CPU rule does not compile the training step; "always" does (CUDA's rule
     # too): the same function
     config = small_config(positional_embedding_type="rotary_qk", dropout=0.0)
-    reference, fast = _pair(config, device, compile="always")
+    reference, fast = reference_and_fast(config, device, compile="always")
     assert_same_function(reference, fast, random_ids(3, 50, 2, 9), train=True)
 
 
 def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
     config = small_config(positional_embedding_type="rotary")
-    reference, fast = _pair(config, dynamic=True)
+    reference, fast = reference_and_fast(config, dynamic=True)
     reference.eval(), fast.eval()
     with torch.no_grad():
         # first at the length that equals inv_freq's size: a graph dynamic in
@@ -256,7 +252,9 @@ def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
 def test_a_fast_model_compiled_by_the_user_computes_the_same():
     # torch.compile(fast_model) traces the root forward and the runner, which
     # hands it the plain forward: nothing on that way may break the graph
-    reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"), dynamic=True)
+    reference, fast = reference_and_fast(
+        small_config(positional_embedding_type="rotary_qk"), dynamic=True
+    )
     reference.eval(), fast.eval()
     fast.check_token_ids = False  # its range check is a host sync: a graph break by design
     compiled = torch.compile(fast)
@@ -273,7 +271,7 @@ def test_a_fast_model_compiled_by_the_user_computes_the_same():
 
 @pytest.mark.parametrize("name", list(COMPILED_CONFIGS))
 def test_same_module_paths_and_state_dict_keys(name):
-    reference, fast = _pair(COMPILED_CONFIGS[name])
+    reference, fast = reference_and_fast(COMPILED_CONFIGS[name])
     assert [n for n, _ in fast.named_modules()] == [n for n, _ in reference.named_modules()]
     assert [type(m) for _, m in fast.named_modules()] == [
         type(m) for _, m in reference.named_modules()
@@ -282,7 +280,7 @@ def test_same_module_paths_and_state_dict_keys(name):
 
 
 def test_make_fast_shares_parameters_and_buffers():
-    reference, fast = _pair(small_config(positional_embedding_type="rotary"))
+    reference, fast = reference_and_fast(small_config(positional_embedding_type="rotary"))
     for (name, p), q in zip(reference.named_parameters(), fast.parameters(), strict=True):
         assert p is q, name
     assert fast.pos_encoder.inv_freq is reference.pos_encoder.inv_freq
@@ -318,7 +316,7 @@ def test_checkpoints_load_strictly_both_ways(tmp_path, direction):
 
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 def test_fast_after_cast_to_bf16_keeps_fp32_angles(pe):
-    reference, fast = _pair(small_config(positional_embedding_type=pe))
+    reference, fast = reference_and_fast(small_config(positional_embedding_type=pe))
     fast.to(torch.bfloat16)  # shared tensors: the reference is cast too
     if pe in ("rotary", "rotary_qk"):
         assert fast.pos_encoder.inv_freq.dtype == torch.float32
@@ -330,7 +328,7 @@ def test_fast_after_cast_to_bf16_keeps_fp32_angles(pe):
 
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 def test_fast_under_bf16_autocast_is_close_to_fp32_reference(pe):
-    reference, fast = _pair(small_config(positional_embedding_type=pe))
+    reference, fast = reference_and_fast(small_config(positional_embedding_type=pe))
     ids = random_ids(5, 50, 2, 7)
     want = reference(ids).detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -345,7 +343,7 @@ def test_fast_under_bf16_autocast_is_close_to_fp32_reference(pe):
 def test_per_sample_gradients_through_torch_func_equal_the_reference(pe):
     # vmap(grad(...)) over functional_call: wmfast's autograd Functions have no
     # functorch rules, so under a transform the fast model runs the plain math
-    reference, fast = _pair(small_config(positional_embedding_type=pe))
+    reference, fast = reference_and_fast(small_config(positional_embedding_type=pe))
     params = {name: p.detach() for name, p in reference.named_parameters()}
     ids = random_ids(17, 50, 3, 9)
     per_sample = []
@@ -368,7 +366,7 @@ def test_per_sample_gradients_through_torch_func_equal_the_reference(pe):
 def test_vmap_runs_the_plain_math_where_the_rules_would_compile():
     # no-grad on CPU compiles by the rules; under vmap the runner must leave
     # compile and its custom ops (Triton ones on CUDA) aside
-    reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"))
+    reference, fast = reference_and_fast(small_config(positional_embedding_type="rotary_qk"))
     reference.eval(), fast.eval()
     ids = random_ids(19, 50, 3, 9)
     outs = []
@@ -384,7 +382,9 @@ def test_vmap_runs_the_plain_math_where_the_rules_would_compile():
 def test_trains_after_a_first_call_under_inference_mode(pe):
     # nothing made during an inference_mode call may be kept and later saved
     # for backward (inference tensors cannot be)
-    reference, fast = _pair(small_config(positional_embedding_type=pe), compile="never")
+    reference, fast = reference_and_fast(
+        small_config(positional_embedding_type=pe), compile="never"
+    )
     ids = random_ids(23, 50, 2, 9)
     with torch.inference_mode():
         fast(ids)
@@ -393,7 +393,7 @@ def test_trains_after_a_first_call_under_inference_mode(pe):
 
 @pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
 def test_fast_survives_deepcopy_and_pickle(clone, caplog):
-    reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"))
+    reference, fast = reference_and_fast(small_config(positional_embedding_type="rotary_qk"))
     copied = copy.deepcopy(fast) if clone == "deepcopy" else pickle.loads(pickle.dumps(fast))
     assert copied.variant == "fast" and copied._fast.options == fast._fast.options
     assert copied.embedding.weight is not fast.embedding.weight  # a real copy
@@ -405,7 +405,7 @@ def test_fast_survives_deepcopy_and_pickle(clone, caplog):
 
 
 def test_forward_hooks_make_the_fast_model_take_its_module_path(monkeypatch):
-    reference, fast = _pair(small_config(positional_embedding_type="rotary_qk"))
+    reference, fast = reference_and_fast(small_config(positional_embedding_type="rotary_qk"))
     runs = []
     real_call = wf.FastRunner.__call__
     monkeypatch.setattr(
@@ -427,7 +427,7 @@ def test_recurrent_fast_models_fire_hooks_on_their_own_path(model_class, core):
     """Their fast path is the module path (cuDNN recurrence), so hooks fire
     without any switch, and the output is the reference's, bitwise."""
     config = small_config(model_class=model_class, act_fn="tanh")
-    reference, fast = _pair(config)
+    reference, fast = reference_and_fast(config)
     seen = []
     handle = getattr(fast, core).register_forward_hook(lambda m, a, out: seen.append(out.shape))
     ids = random_ids(2, config.d_vocab, 2, 5)
@@ -446,7 +446,7 @@ def test_dropout_in_train_mode_keeps_the_references_distribution():
     many draws, fast and reference train-mode logits have the same mean and
     spread (within 5 standard errors), and both differ from eval mode."""
     config = small_config(positional_embedding_type="standard", dropout=0.3, d_model=16, n_heads=2)
-    reference, fast = _pair(config)
+    reference, fast = reference_and_fast(config)
     reference.train(), fast.train()
     ids = random_ids(8, 50, 1, 6)
     n = 300
@@ -575,7 +575,7 @@ def test_flash_attn_adapter_glue_matches_sdpa(monkeypatch):
         sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func)
     )
     monkeypatch.setattr(backends, "flash_attn_installed", lambda: True)
-    reference, fast = _pair(
+    reference, fast = reference_and_fast(
         small_config(positional_embedding_type="rotary_qk", n_heads=2), attention="flash_attn"
     )
     assert_same_function(reference, fast, random_ids(2, 50, 3, 6))
@@ -585,7 +585,7 @@ def test_flash_attn_adapter_glue_matches_sdpa(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not wf.backends.flash_attn_installed(), reason="flash-attn not installed")
 def test_real_flash_attn_matches_reference_under_autocast():
-    reference, fast = _pair(
+    reference, fast = reference_and_fast(
         small_config(positional_embedding_type="rotary_qk"), attention="flash_attn"
     )
     reference.cuda(), fast.cuda()
@@ -598,7 +598,7 @@ def test_real_flash_attn_matches_reference_under_autocast():
 
 @pytest.mark.cuda
 def test_cuda_graphs_option_matches_reference():
-    reference, fast = _pair(
+    reference, fast = reference_and_fast(
         small_config(positional_embedding_type="rotary_qk"), mode="reduce-overhead"
     )
     reference.cuda().eval(), fast.eval()

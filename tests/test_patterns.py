@@ -11,13 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wmfast import attention_pattern, attention_patterns, build_model
-from wmfast.fast import make_fast
 
 from .helpers import (
     DEVICES,
     FP32_LOGITS,
     POSITIONAL_TYPES,
     random_ids,
+    reference_and_fast,
     reference_model,
     small_config,
 )
@@ -76,8 +76,7 @@ def test_patterns_equal_the_reference_modules(pe, heads, layers, seq_len, seed):
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 def test_fast_models_give_the_reference_patterns(pe, device):
     config = small_config(positional_embedding_type=pe, seed=3)
-    reference = reference_model(config).to(device)
-    fast = make_fast(reference_model(config).to(device))
+    reference, fast = reference_and_fast(config, device)
     ids = random_ids(4, config.d_vocab, 2, 12).to(device)
     for g, w in zip(attention_patterns(fast, ids), attention_patterns(reference, ids), strict=True):
         assert torch.equal(g, w)
