@@ -14,7 +14,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from wmfast.ops import rotary_eager
+from wmfast.ops import rotary_eager, tail_eager
 
 settings.register_profile(
     "ci",
@@ -36,11 +36,13 @@ settings.load_profile(
 
 
 @pytest.fixture(autouse=True, scope="session")
-def small_models_take_the_reordered_projection():
-    """The tests' models are far below rotary_eager.MIN_FUSED_TOKENS, where
-    the fast CPU training step takes the reference math; lift the threshold
-    so they exercise the reordered projection that real sizes take (tests of
-    the threshold itself set it back)."""
+def small_models_take_the_eager_functions():
+    """The tests' models are far below the sizes from which the fast CPU
+    training step takes the reordered projection (rotary_eager) and the
+    row-sparse tail (tail_eager); lift the thresholds so they exercise what
+    real sizes take (tests of a threshold itself set it back)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(rotary_eager, "MIN_FUSED_TOKENS", 0)
+        patch.setattr(tail_eager, "MIN_D_MODEL", 0)
+        patch.setattr(tail_eager, "MIN_TOKENS", 0)
         yield

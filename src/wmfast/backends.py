@@ -20,6 +20,11 @@ compile        CUDA: always. CPU: only with grad disabled (inference):
                forward 1.7x faster but the training step 0.8x slower.
 =============  ===========================================================
 
+Where nothing is compiled (the CPU training step), the forward takes
+wmfast.ops' eager Functions (rotary_eager, mlp_eager, tail_eager) from the
+sizes their modules fix (the MIN_* constants, measured once and written
+down there), when ``eager_functions_allowed`` below says they may run.
+
 Under a torch.func transform (grad, vmap, jacrev, ...) the fast forward runs
 the plain math, uncompiled, whatever the rules say: wmfast's autograd
 Functions and custom ops define no functorch rules.

@@ -42,7 +42,7 @@ from wmfast.models.transformer_functional import (
     statics_of,
     transformer_forward,
 )
-from wmfast.ops import rotary_eager
+from wmfast.ops import rotary_eager, tail_eager
 
 logger = logging.getLogger("wmfast")
 
@@ -194,7 +194,12 @@ class FastRunner:
             plan = plan._replace(compiled=False)
         self.last_plan = plan
         args = (gather_weights(model), input_ids, statics_of(model))
-        kwargs = dict(**_rotary_functions(plan.rotary), attend=CAUSAL_ATTENTION[plan.attention])
+        kwargs = dict(
+            **_rotary_functions(plan.rotary),
+            attend=CAUSAL_ATTENTION[plan.attention],
+            # the tail calls SDPA's CPU kernels itself
+            tail=tail_eager.transformer_tail if plan.attention == "sdpa" else None,
+        )
         if not plan.compiled or torch.compiler.is_compiling():
             # (under a user's own torch.compile of the model, that compile owns
             # compiling and shapes: it traces the plain function)

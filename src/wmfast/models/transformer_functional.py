@@ -111,6 +111,7 @@ RotateQKInPlace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 RotatedQKV = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 EmbedRotary = Callable[..., torch.Tensor]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+Tail = Callable[..., torch.Tensor | None]
 
 
 def _torch_embedding_rotation(emb, cos, sin, scale):
@@ -137,6 +138,7 @@ def transformer_forward(
     record: Callable[[str, object], None] | None = None,
     rotate_qk_in_place: RotateQKInPlace | None = None,
     rotated_qkv: RotatedQKV | None = None,
+    tail: Tail | None = None,
 ) -> torch.Tensor:
     """logits (B, T, d_vocab) for input_ids (B, T); see TransformerModel.forward.
 
@@ -153,6 +155,11 @@ def transformer_forward(
     (q, k, v) with q and k rotated, possibly with each head's features in
     another order shared by q and k (wmfast.ops.rotary_eager), which attention
     cannot see; with ``record`` the order matters, so it is not used then.
+    ``tail(q, k, v, x, layer_weights, output_weight, output_bias, eps,
+    act_fn)``, if given, computes the logits from the last layer's causal
+    attention on (SDPA's CPU kernels, in place of ``attend``), or returns None
+    to leave that to the composition (wmfast.ops.tail_eager); not used with
+    ``record`` or with dropout active.
     """
     from wmfast.attention_backends import sdpa_causal
 
@@ -187,6 +194,8 @@ def transformer_forward(
     # nothing needs linear1's own output: no record, no dropout between the two
     fuse_mlp = statics.act_fn == "relu" and record is None and not (train and p > 0)
     reordered_qk = rope is not None and rotated_qkv is not None and record is None
+    use_tail = tail is not None and record is None and not (train and p > 0)
+    last = len(weights.layers) - 1
     for i, w in enumerate(weights.layers):
         path = f"transformer_encoder.layers.{i}"
         if reordered_qk:
@@ -199,6 +208,11 @@ def transformer_forward(
             if rope is not None and not in_place:
                 q, k = rotate_qk(q, k, *rope)
                 note(f"{path}.self_attn.rotary", (q, k))
+        if use_tail and i == last:
+            args = (weights.output_weight, weights.output_bias, statics.eps, statics.act_fn)
+            logits = tail(q, k, v, x, w, *args)
+            if logits is not None:
+                return logits
         attn = attend(q, k, v, p if train else 0.0).reshape(batch, seq_len, d_model)
         sa = F.linear(attn, w.out_proj_weight, w.out_proj_bias)
         note(f"{path}.self_attn", sa)

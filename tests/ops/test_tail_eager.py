@@ -1,0 +1,214 @@
+"""The last layer's tail with a row-sparse backward (wmfast.ops.tail_eager)
+against the composition it replaces, and where the fast path uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wmfast import build_model
+from wmfast.attention_backends import sdpa_causal
+from wmfast.fast import FastOptions
+from wmfast.ops import tail_eager
+from wmfast.tasks.sir import SIRConfig, SIRDataset
+from wmfast.training import masked_loss, prepare_batch
+
+from ..helpers import FP32_GRADS, FP32_LOGITS, reference_and_fast, small_config
+
+EPS = 1e-5
+FP64 = dict(rtol=1e-10, atol=1e-12)
+
+
+def _composition(q, k, v, x, wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu, act_fn):
+    """What the reference's modules compute from the last attention on."""
+    act = F.gelu if act_fn == "gelu" else F.relu
+    batch, seq_len, d_model = x.shape
+    attn = sdpa_causal(q, k, v, 0.0).reshape(batch, seq_len, d_model)
+    h = F.layer_norm(x + F.linear(attn, wo, bo), (d_model,), n1w, n1b, EPS)
+    y = F.layer_norm(h + F.linear(act(F.linear(h, w1, b1)), w2, b2), (d_model,), n2w, n2b, EPS)
+    return F.linear(y, wu, bu)
+
+
+def _tail(*tensors_and_act_fn):
+    *tensors, act_fn = tensors_and_act_fn
+    return tail_eager._Tail.apply(*tensors, EPS, act_fn == "gelu")
+
+
+def _inputs(seed, batch, seq_len, heads, head_dim, d_mlp, vocab, dtype):
+    """q, k, v (B, T, H, D), x (B, T, d), then the weights in LayerWeights' order."""
+    gen = torch.Generator().manual_seed(seed)
+    d, m = heads * head_dim, d_mlp
+    qkv = [(batch, seq_len, heads, head_dim)] * 3
+    shapes = qkv + [(batch, seq_len, d), (d, d), (d,), (m, d), (m,), (d, m), (d,),
+                    (d,), (d,), (d,), (d,), (vocab, d), (vocab,)]  # fmt: skip
+    tensors = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    for i in (10, 12):  # norm weights around 1, as trained ones are
+        tensors[i] = 1 + 0.3 * tensors[i]
+    return [t.to(dtype) for t in tensors]
+
+
+def _row_weights(pattern, batch, seq_len, vocab, seed, dtype):
+    """The loss's weights on the logits: every row ("all"), the answers'
+    positions (every 4th, as workingmem's loss), every 4th from a position
+    that differs between sequences ("ragged"), one row, or none."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(batch, seq_len, vocab, generator=gen, dtype=torch.float64)
+    keep = torch.zeros(batch, seq_len, 1, dtype=torch.float64)
+    if pattern == "all":
+        keep[:] = 1
+    elif pattern == "answers":
+        keep[:, 2::4] = 1
+    elif pattern == "ragged":
+        for b in range(batch):
+            keep[b, b % 4 :: 4] = 1
+    elif pattern == "one":
+        keep[batch - 1, seq_len // 2] = 1
+    return (weight * keep).to(dtype)
+
+
+def _run(fn, tensors, row_weights, act_fn):
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out = fn(*leaves, act_fn)
+    (out * row_weights).sum().backward()
+    return out, [leaf.grad for leaf in leaves]
+
+
+@given(
+    batch=st.integers(1, 3),
+    seq_len=st.sampled_from([1, 4, 9, 16]),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([2, 8, 12]),
+    d_mlp=st.sampled_from([0, 1, 8, 40]),
+    vocab=st.sampled_from([3, 17]),
+    act_fn=st.sampled_from(["relu", "gelu"]),
+    pattern=st.sampled_from(["all", "answers", "ragged", "one", "none"]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_tail_equals_the_composition(
+    batch, seq_len, heads, head_dim, d_mlp, vocab, act_fn, pattern, dtype, seed
+):
+    tensors = _inputs(seed, batch, seq_len, heads, head_dim, d_mlp, vocab, dtype)
+    row_weights = _row_weights(pattern, batch, seq_len, vocab, seed + 1, dtype)
+    out, grads = _run(_tail, tensors, row_weights, act_fn)
+    want, want_grads = _run(_composition, tensors, row_weights, act_fn)
+    logits_tol, grads_tol = (FP64, FP64) if dtype == torch.float64 else (FP32_LOGITS, FP32_GRADS)
+    torch.testing.assert_close(out, want, **logits_tol)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected, **grads_tol)
+
+
+def test_rows_to_compute_are_the_rows_the_loss_reads():
+    grad = _row_weights("answers", 2, 8, 5, 0, torch.float32).reshape(16, 5)
+    finite = (torch.ones(16, 3),)
+    assert tail_eager.rows_to_compute(grad, finite).tolist() == [2, 6, 10, 14]
+    grad[0, 4] = float("nan")  # a NaN is not zero: its row takes part
+    assert tail_eager.rows_to_compute(grad, finite).tolist() == [0, 2, 6, 10, 14]
+    dense = _row_weights("all", 2, 8, 5, 0, torch.float32).reshape(16, 5)
+    assert tail_eager.rows_to_compute(dense, finite) is None
+
+
+def test_common_positions_only_when_every_sequence_has_them():
+    rows = torch.tensor([2, 6, 10, 14])  # B 2, T 8: positions 2 and 6 in each
+    assert tail_eager.common_positions(rows, 2, 8).tolist() == [2, 6]
+    assert tail_eager.common_positions(torch.tensor([2, 6, 11, 14]), 2, 8) is None
+    assert tail_eager.common_positions(torch.tensor([2, 6, 10]), 2, 8) is None
+    assert tail_eager.common_positions(torch.tensor([], dtype=torch.long), 2, 8) is None
+
+
+@pytest.mark.parametrize("where", ["activation", "weight"])
+def test_non_finite_values_take_the_full_backward(where):
+    """0 * inf is NaN: where the composition's gradients turn NaN through rows
+    the loss does not read, the tail's must too."""
+    tensors = _inputs(7, 2, 8, 2, 4, 16, 5, torch.float32)
+    if where == "activation":
+        tensors[3][0, 0, 3] = float("inf")  # x at a position the loss does not read
+    else:
+        tensors[14][1, 2] = float("inf")  # output_layer.weight
+    row_weights = _row_weights("answers", 2, 8, 5, 1, torch.float32)
+    _, grads = _run(_tail, tensors, row_weights, "relu")
+    _, want_grads = _run(_composition, tensors, row_weights, "relu")
+    assert any(g.isnan().any() for g in want_grads)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected, **FP32_GRADS, equal_nan=True)
+
+
+def _count_tail_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    apply = tail_eager._Tail.apply
+
+    def counting_apply(*args):
+        calls[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(tail_eager._Tail, "apply", counting_apply)
+    return calls
+
+
+def _sir_batch(batch_size, trials):
+    data = SIRDataset(SIRConfig(seq_len=trials, n_sequences=batch_size, seed=3))
+    raw = next(iter(torch.utils.data.DataLoader(data, batch_size=batch_size)))
+    return prepare_batch(raw, 350, mask_answer_tokens=True)
+
+
+@pytest.mark.parametrize("act_fn", ["relu", "gelu"])
+@pytest.mark.parametrize("positional", ["rotary_qk", "standard"])
+def test_fast_training_gradients_on_the_answer_loss_equal_the_reference(
+    monkeypatch, act_fn, positional
+):
+    """workingmem's loss (the answers only) through a fast model, tail included."""
+    calls = _count_tail_calls(monkeypatch)
+    config = small_config(positional_embedding_type=positional, act_fn=act_fn, d_vocab=350)
+    reference, fast = reference_and_fast(config)
+    batch = _sir_batch(4, 8)
+    grads = []
+    for model in (reference, fast):
+        model.train()
+        model.zero_grad()
+        loss, _ = masked_loss(model(batch.input_ids), batch)
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert calls[0] == 1
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, **FP32_GRADS, msg=name)
+
+
+@pytest.mark.parametrize(
+    "changes, train, grad, used",
+    [
+        (dict(), True, True, True),
+        (dict(dropout=0.1), False, True, True),  # eval: dropout is the identity
+        (dict(dropout=0.1), True, True, False),  # dropout masks in the tail
+        (dict(), True, False, False),  # no backward to save
+        (dict(d_model=16, n_heads=2), True, True, False),  # below MIN_D_MODEL
+    ],
+)
+def test_fast_transformer_uses_it_where_it_saves_work(monkeypatch, changes, train, grad, used):
+    calls = _count_tail_calls(monkeypatch)
+    monkeypatch.setattr(tail_eager, "MIN_D_MODEL", 32)
+    config = small_config(positional_embedding_type="rotary_qk", **changes)
+    model = build_model(config, fast_options=FastOptions(compile="never")).train(train)
+    with torch.set_grad_enabled(grad):
+        model(torch.randint(0, config.d_vocab, (2, 9)))
+    assert calls[0] == int(used)
+
+
+@pytest.mark.parametrize("min_tokens, used", [(18, True), (19, False)])
+def test_calls_from_min_tokens_up_take_it(monkeypatch, min_tokens, used):
+    calls = _count_tail_calls(monkeypatch)
+    monkeypatch.setattr(tail_eager, "MIN_TOKENS", min_tokens)
+    config = small_config()
+    model = build_model(config, fast_options=FastOptions(compile="never"))
+    model(torch.randint(0, config.d_vocab, (2, 9)))  # 18 tokens
+    assert calls[0] == int(used)
+
+
+def test_autocast_takes_the_composition(monkeypatch):
+    calls = _count_tail_calls(monkeypatch)
+    model = build_model(small_config(), fast_options=FastOptions(compile="never"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 50, (2, 9))).float().sum().backward()
+    assert calls[0] == 0
