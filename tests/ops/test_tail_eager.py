@@ -176,6 +176,28 @@ def test_fast_training_gradients_on_the_answer_loss_equal_the_reference(
         torch.testing.assert_close(grads[1][name], want, **FP32_GRADS, msg=name)
 
 
+def _weights_after_answer_loss_training() -> list[torch.Tensor]:
+    config = small_config(positional_embedding_type="rotary_qk", d_vocab=350)
+    _, fast = reference_and_fast(config)
+    optimizer = torch.optim.AdamW(fast.parameters(), lr=1e-3)
+    batch = _sir_batch(4, 8)
+    for _ in range(3):
+        loss, _ = masked_loss(fast.train()(batch.input_ids), batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return [p.detach().clone() for p in fast.parameters()]
+
+
+def test_cpu_training_reruns_through_it_are_bitwise_reproducible(monkeypatch):
+    """The README's claim for CPU training, with the tail and its sparse rows."""
+    calls = _count_tail_calls(monkeypatch)
+    first, second = _weights_after_answer_loss_training(), _weights_after_answer_loss_training()
+    assert calls[0] == 6
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     "changes, train, grad, used",
     [
