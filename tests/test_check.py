@@ -76,10 +76,12 @@ def test_default_models_pass_and_the_json_has_the_documented_layout(default_repo
         assert set(model["speed"]) == {"forward", "train_step"}
         assert model["speed"]["forward"]["speedup"] > 0
         assert model["ran"]["variant"] == "fast"
-    # every parameter's gradient was compared, in both modes with grad
+    # every parameter's gradient was compared, in each of the three modes with grad
     first = report["models"][0]
     n_params = len(list(build_model(wc.default_configs()["transformer/standard"]).parameters()))
-    assert sum(c["kind"] == "grad" for c in first["comparisons"]) == 2 * n_params
+    grads = [c["name"].split("/")[0] for c in first["comparisons"] if c["kind"] == "grad"]
+    assert sorted(set(grads)) == ["eval_grad", "train_answers", "train_no_dropout"]
+    assert len(grads) == 3 * n_params
 
 
 def test_the_report_says_what_ran(default_report):
@@ -155,6 +157,35 @@ def test_a_wrong_rotary_kernel_in_the_fast_path_fails_naming_the_rotary_module(m
     report = _compare(reference, candidate)
     assert not report.ok
     assert report.first_divergence == "transformer_encoder.layers.0.self_attn.rotary"
+
+
+def test_a_tail_backward_that_drops_an_answer_row_fails_the_answers_gradients(monkeypatch):
+    """The row-sparse backward (wmfast.ops.tail_eager) runs only when the loss
+    reads some positions: the answers-only gradients are what catch it."""
+    from wmfast.ops import tail_eager
+
+    rows_to_compute = tail_eager.rows_to_compute
+
+    def dropping_the_first_row(grad_logits, multiplied):
+        rows = rows_to_compute(grad_logits, multiplied)
+        return rows if rows is None else rows[1:]
+
+    monkeypatch.setattr(tail_eager, "rows_to_compute", dropping_the_first_row)
+    reference, candidate = _broken_pair(small_config(), lambda m: None)
+    ids = [("seed0", random_ids(0, 50, 2, 12))]
+    report = wc.compare_models(
+        "broken", reference, candidate, ids, device=torch.device("cpu"), paths=False, speed=False
+    )
+    assert not report.ok
+    assert {c.name.split("/")[0] for c in report.failures()} == {"train_answers"}
+
+
+def test_gradient_atol_scales_with_the_gradients_size():
+    want = torch.tensor([200.0, 0.0])
+    rounding = torch.tensor([200.0, 5e-5])  # a sum's rounding: relative to its terms
+    assert wc.compare("g", "grad", rounding, want, (1e-4, 1e-5)).ok
+    assert not wc.compare("l", "logits", rounding, want, (1e-4, 1e-5)).ok
+    assert not wc.compare("g", "grad", torch.tensor([200.0, 3e-3]), want, (1e-4, 1e-5)).ok
 
 
 @pytest.mark.nnsight

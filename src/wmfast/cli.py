@@ -235,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16", "fp16"],
         help="bf16/fp16: autocast vs the fp32 reference",
     )
-    check.add_argument("--batch-size", type=int, default=4)
-    check.add_argument("--seq-len", type=int, default=32)
+    # defaults: wmfast.check.DEFAULT_BATCH and DEFAULT_SEQ_LEN (8, 128), not
+    # imported here: wmfast --help should not wait for torch
+    check.add_argument("--batch-size", type=int, default=8)
+    check.add_argument("--seq-len", type=int, default=128)
     check.add_argument(
         "--seeds", default="0", help="comma-separated seeds for the random token ids"
     )
