@@ -427,16 +427,15 @@ def measure_speed(reference, candidate, input_ids, device, dtype, budget_s: floa
         with torch.no_grad(), _autocast(device, dtype):
             model(input_ids)
 
-    rows = answer_rows(input_ids.shape[1]).to(input_ids.device)
+    # workingmem's loss: the next token, at the answers only
+    rows = answer_rows(input_ids.shape[1] - 1).to(input_ids.device)  # each with a next token
+    answers = input_ids[:, rows + 1]
 
     def train_step(model, optimizer):
         model.train()
         with _autocast(device, dtype):
             logits = model(input_ids)
-        # workingmem's loss: the next token at the answers only
-        answer_logits = logits[:, rows[rows + 1 < input_ids.shape[1]]].float()
-        answers = input_ids[:, rows[rows + 1 < input_ids.shape[1]] + 1]
-        loss = nn.functional.cross_entropy(answer_logits.flatten(0, 1), answers.flatten())
+        loss = nn.functional.cross_entropy(logits[:, rows].float().flatten(0, 1), answers.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
