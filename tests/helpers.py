@@ -71,6 +71,20 @@ def reference_model(config: ModelConfig) -> torch.nn.Module:
     return build_model(config, variant="reference")
 
 
+def count_applies(monkeypatch, function: type[torch.autograd.Function]) -> list[int]:
+    """A one-element list counting the calls of ``function.apply`` from now on
+    (until ``monkeypatch`` undoes the wrapping)."""
+    calls = [0]
+    apply = function.apply
+
+    def counting_apply(*args):
+        calls[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(function, "apply", counting_apply)
+    return calls
+
+
 def reference_and_fast(config: ModelConfig, device="cpu", **options):
     """A reference model on ``device`` and the fast variant sharing its
     parameters (``make_fast``'s keywords in ``options``)."""

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from wmfast import build_model
 from wmfast.ops import mlp_eager
 
-from ..helpers import DEVICES, FP32_GRADS, FP32_LOGITS, random_ids, small_config
+from ..helpers import DEVICES, FP32_GRADS, FP32_LOGITS, count_applies, random_ids, small_config
 
 
 def _composition(x, w1, b1, w2, b2):
@@ -65,7 +65,7 @@ def test_in_place_kernels_equal_the_composition(
 def test_torch_func_transforms_take_the_composition(monkeypatch):
     """The in-place Function has no functorch rules: under torch.func.grad a
     block at the fused size must run the composition, with its gradients."""
-    calls = _count_fused_calls(monkeypatch)
+    calls = count_applies(monkeypatch, mlp_eager._ReluMLP)
     d_model, d_mlp = 4, mlp_eager.MIN_FUSED_HIDDEN // 2**12
     x, w1, b1, w2, b2 = _inputs(3, 1, 2**12, d_model, d_mlp, torch.float32, "cpu")
 
@@ -80,21 +80,9 @@ def test_torch_func_transforms_take_the_composition(monkeypatch):
     assert calls[0] == 1
 
 
-def _count_fused_calls(monkeypatch) -> list[int]:
-    calls = [0]
-    apply = mlp_eager._ReluMLP.apply
-
-    def counting_apply(*args):
-        calls[0] += 1
-        return apply(*args)
-
-    monkeypatch.setattr(mlp_eager._ReluMLP, "apply", counting_apply)
-    return calls
-
-
 @pytest.mark.parametrize("tokens, fused", [(2**12, True), (2**12 - 1, False)])
 def test_blocks_from_min_fused_hidden_up_take_the_in_place_kernels(monkeypatch, tokens, fused):
-    calls = _count_fused_calls(monkeypatch)
+    calls = count_applies(monkeypatch, mlp_eager._ReluMLP)
     d_mlp = mlp_eager.MIN_FUSED_HIDDEN // 2**12
     tensors = _inputs(5, 1, tokens, 4, d_mlp, torch.float32, "cpu")
     out = mlp_eager.relu_mlp(*tensors)
@@ -103,7 +91,7 @@ def test_blocks_from_min_fused_hidden_up_take_the_in_place_kernels(monkeypatch, 
 
 
 def test_autocast_takes_the_composition(monkeypatch):
-    calls = _count_fused_calls(monkeypatch)
+    calls = count_applies(monkeypatch, mlp_eager._ReluMLP)
     monkeypatch.setattr(mlp_eager, "MIN_FUSED_HIDDEN", 0)
     tensors = _inputs(3, 2, 5, 8, 16, torch.float32, "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -128,7 +116,7 @@ def test_autocast_takes_the_composition(monkeypatch):
 def test_fast_transformer_uses_it_where_nothing_needs_linear1s_output(
     monkeypatch, changes, train, fused_per_call
 ):
-    calls = _count_fused_calls(monkeypatch)
+    calls = count_applies(monkeypatch, mlp_eager._ReluMLP)
     monkeypatch.setattr(mlp_eager, "MIN_FUSED_HIDDEN", 0)  # small_config is far below it
     config = small_config(positional_embedding_type="rotary_qk", **changes)
     model = build_model(config).train(train)  # fast, CPU: with grad it runs uncompiled

@@ -16,7 +16,7 @@ from wmfast.ops import tail_eager
 from wmfast.tasks.sir import SIRConfig, SIRDataset
 from wmfast.training import masked_loss, prepare_batch
 
-from ..helpers import FP32_GRADS, FP32_LOGITS, reference_and_fast, small_config
+from ..helpers import FP32_GRADS, FP32_LOGITS, count_applies, reference_and_fast, small_config
 
 EPS = 1e-5
 FP64 = dict(rtol=1e-10, atol=1e-12)
@@ -136,18 +136,6 @@ def test_non_finite_values_take_the_full_backward(where):
         torch.testing.assert_close(got, expected, **FP32_GRADS, equal_nan=True)
 
 
-def _count_tail_calls(monkeypatch) -> list[int]:
-    calls = [0]
-    apply = tail_eager._Tail.apply
-
-    def counting_apply(*args):
-        calls[0] += 1
-        return apply(*args)
-
-    monkeypatch.setattr(tail_eager._Tail, "apply", counting_apply)
-    return calls
-
-
 def _sir_batch(batch_size, trials):
     data = SIRDataset(SIRConfig(seq_len=trials, n_sequences=batch_size, seed=3))
     raw = next(iter(torch.utils.data.DataLoader(data, batch_size=batch_size)))
@@ -160,7 +148,7 @@ def test_fast_training_gradients_on_the_answer_loss_equal_the_reference(
     monkeypatch, act_fn, positional
 ):
     """workingmem's loss (the answers only) through a fast model, tail included."""
-    calls = _count_tail_calls(monkeypatch)
+    calls = count_applies(monkeypatch, tail_eager._Tail)
     config = small_config(positional_embedding_type=positional, act_fn=act_fn, d_vocab=350)
     reference, fast = reference_and_fast(config)
     batch = _sir_batch(4, 8)
@@ -191,7 +179,7 @@ def _weights_after_answer_loss_training() -> list[torch.Tensor]:
 
 def test_cpu_training_reruns_through_it_are_bitwise_reproducible(monkeypatch):
     """The README's claim for CPU training, with the tail and its sparse rows."""
-    calls = _count_tail_calls(monkeypatch)
+    calls = count_applies(monkeypatch, tail_eager._Tail)
     first, second = _weights_after_answer_loss_training(), _weights_after_answer_loss_training()
     assert calls[0] == 6
     for a, b in zip(first, second, strict=True):
@@ -209,7 +197,7 @@ def test_cpu_training_reruns_through_it_are_bitwise_reproducible(monkeypatch):
     ],
 )
 def test_fast_transformer_uses_it_where_it_saves_work(monkeypatch, changes, train, grad, used):
-    calls = _count_tail_calls(monkeypatch)
+    calls = count_applies(monkeypatch, tail_eager._Tail)
     monkeypatch.setattr(tail_eager, "MIN_D_MODEL", 32)
     config = small_config(positional_embedding_type="rotary_qk", **changes)
     model = build_model(config, fast_options=FastOptions(compile="never")).train(train)
@@ -220,7 +208,7 @@ def test_fast_transformer_uses_it_where_it_saves_work(monkeypatch, changes, trai
 
 @pytest.mark.parametrize("min_tokens, used", [(18, True), (19, False)])
 def test_calls_from_min_tokens_up_take_it(monkeypatch, min_tokens, used):
-    calls = _count_tail_calls(monkeypatch)
+    calls = count_applies(monkeypatch, tail_eager._Tail)
     monkeypatch.setattr(tail_eager, "MIN_TOKENS", min_tokens)
     config = small_config()
     model = build_model(config, fast_options=FastOptions(compile="never"))
@@ -229,7 +217,7 @@ def test_calls_from_min_tokens_up_take_it(monkeypatch, min_tokens, used):
 
 
 def test_autocast_takes_the_composition(monkeypatch):
-    calls = _count_tail_calls(monkeypatch)
+    calls = count_applies(monkeypatch, tail_eager._Tail)
     model = build_model(small_config(), fast_options=FastOptions(compile="never"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 50, (2, 9))).float().sum().backward()
