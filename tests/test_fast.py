@@ -249,6 +249,29 @@ def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
     assert not hasattr(ids, "_dynamo_weak_dynamic_indices")  # the caller's tensor stays unmarked
 
 
+def test_each_configuration_compiles_with_its_own_recompile_limit():
+    # Dynamo runs a function uncompiled once recompile_limit graphs sit on its
+    # code object; with one function for every configuration, a process that
+    # built 9 configurations (wmfast check's 4 transformers in 3 modes) ran the
+    # 9th uncompiled. With the limit at 1, a second configuration shows it.
+    configs = [
+        small_config(d_model=8, n_heads=2, n_layers=1, d_mlp=0, d_vocab=13, seed=seed, **change)
+        for seed, change in ((0, {}), (1, dict(act_fn="gelu")), (2, {}))
+    ]
+    ids = random_ids(4, 13, 2, 5)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        graphs = []
+        for config in configs:
+            reference, fast = reference_and_fast(config)
+            reference.eval(), fast.eval()
+            with torch.no_grad():
+                torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+            assert describe(fast)["compiled_no_grad"] is True
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > graphs[0]  # the gelu configuration compiled a graph of its own
+    assert graphs[2] == graphs[1]  # a seed sweep (same configuration) reuses the graph
+
+
 def test_a_fast_model_compiled_by_the_user_computes_the_same():
     # torch.compile(fast_model) traces the root forward and the runner, which
     # hands it the plain forward: nothing on that way may break the graph

@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import logging
 import time
+import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -37,6 +38,8 @@ from wmfast.attention_backends import CAUSAL_ATTENTION
 from wmfast.models.base import WorkingMemoryModel
 from wmfast.models.transformer import TransformerModel
 from wmfast.models.transformer_functional import (
+    Statics,
+    TransformerWeights,
     _torch_embedding_rotation,
     gather_weights,
     statics_of,
@@ -96,9 +99,18 @@ class Plan(NamedTuple):
 _COMPILED: dict[tuple, Callable] = {}
 
 
-def _compiled_forward(mode: str | None, dynamic: bool | None) -> Callable:
-    """One compiled transformer_forward per (mode, dynamic) for the whole process:
-    its graphs depend on shapes and constants, not on the model instance.
+def _compiled_forward(mode: str | None, dynamic: bool | None, graph_key: tuple) -> Callable:
+    """The compiled transformer_forward for one (mode, dynamic, graph_key).
+
+    Models of one configuration (a seed sweep) share it: its graphs depend on
+    shapes and constants, not on the model instance. Each configuration gets
+    a copy of transformer_forward with a code object of its own, because
+    Dynamo keeps the graphs on the code object and, past
+    torch._dynamo.config.recompile_limit (8) graphs on one, runs the function
+    uncompiled from then on (a warning, nothing else). A process that builds
+    several configurations (a sweep over d_model, ``wmfast check``'s four
+    transformers in three modes, the benchmark matrix) passed that limit with
+    one shared function; now each configuration counts only its own shapes.
 
     dynamic=True is not passed on as torch.compile(dynamic=True), which makes
     every dimension of every weight symbolic too; duck sizing then ties a
@@ -107,12 +119,42 @@ def _compiled_forward(mode: str | None, dynamic: bool | None) -> Callable:
     recompiles. FastRunner marks the token ids' batch and length dimensions
     dynamic instead (``_dynamic_ids``).
     """
-    key = (mode, dynamic)
+    key = (mode, dynamic, graph_key)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(
-            transformer_forward, mode=mode, dynamic=False if dynamic is False else None
+            _with_own_code(transformer_forward),
+            mode=mode,
+            dynamic=False if dynamic is False else None,
         )
     return _COMPILED[key]
+
+
+def _with_own_code(fn: Callable) -> Callable:
+    """``fn`` with a fresh copy of its code object (same bytecode, same globals)."""
+    copy = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__, copy.__doc__ = fn.__qualname__, fn.__doc__
+    return copy
+
+
+def _graph_key(weights: TransformerWeights, statics: Statics, plan: Plan) -> tuple:
+    """What, besides the token ids' shape, decides the graphs torch.compile makes
+    for a call: the constants, each weight's shape, dtype and requires_grad,
+    the device, the grad mode, autocast, and the plan (which functions it
+    passes in). About 10 us per call, beside gather_weights' 70."""
+    tensors = (
+        weights.embedding,
+        weights.positional,
+        *itertools.chain.from_iterable(weights.layers),
+        weights.output_weight,
+        weights.output_bias,
+    )
+    layout = tuple(None if t is None else (t.shape, t.dtype, t.requires_grad) for t in tensors)
+    device = weights.embedding.device  # all weights share it, or no forward could run
+    autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+    return statics, layout, device, plan, torch.is_grad_enabled(), autocast
 
 
 def _dynamic_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -204,7 +246,9 @@ class FastRunner:
             # (under a user's own torch.compile of the model, that compile owns
             # compiling and shapes: it traces the plain function)
             return transformer_forward(*args, **kwargs, record=record)
-        forward = _compiled_forward(self.options.mode, self.options.dynamic)
+        forward = _compiled_forward(
+            self.options.mode, self.options.dynamic, _graph_key(args[0], args[2], plan)
+        )
         if self.options.dynamic:
             args = (args[0], _dynamic_ids(input_ids), args[2])
         key = (
