@@ -12,6 +12,7 @@ Paths and what pays for them on CPU:
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import pickle
 
@@ -313,6 +314,41 @@ def test_make_fast_shares_parameters_and_buffers():
     assert torch.equal(reference.output_layer.bias, fast.output_layer.bias)
     back = make_reference(fast)
     assert back.variant == "reference" and back.embedding.weight is fast.embedding.weight
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_the_fast_path_reads_the_weights_a_model_has_at_each_call():
+    # wmfast gathers the weights from the modules' dicts on every call: a new
+    # Parameter, a load_state_dict and a parametrization (a property, not a
+    # registered parameter) must all reach the fast path
+    torch.manual_seed(0)
+    reference, fast = reference_and_fast(small_config(positional_embedding_type="standard"))
+    ids = random_ids(6, 50, 2, 7)
+    seen = [fast(ids)]
+
+    new_bias = torch.nn.Parameter(torch.randn(reference.d_model))
+    for model in (reference, fast):
+        model.transformer_encoder.layers[1].linear2.bias = new_bias
+    seen.append(fast(ids))
+    torch.testing.assert_close(seen[-1], reference(ids), **FP32_LOGITS)
+
+    other = build_model(small_config(positional_embedding_type="standard", seed=1))
+    reference.load_state_dict(other.state_dict())  # into the tensors fast shares
+    seen.append(fast(ids))
+    torch.testing.assert_close(seen[-1], reference(ids), **FP32_LOGITS)
+
+    for model in (reference, fast):
+        torch.nn.utils.parametrize.register_parametrization(
+            model.transformer_encoder.layers[0].linear1, "weight", _Doubled()
+        )
+    seen.append(fast(ids))
+    torch.testing.assert_close(seen[-1], reference(ids), **FP32_LOGITS)
+    for earlier, later in itertools.pairwise(seen):
+        assert (later - earlier).abs().max() > 1e-3  # each change changed the logits
 
 
 def test_make_fast_refuses_a_model_it_cannot_speed_up():

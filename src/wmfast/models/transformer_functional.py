@@ -59,38 +59,55 @@ class Statics(NamedTuple):
 
 def gather_weights(model) -> TransformerWeights:
     """The model's current tensors, read fresh on every call (never cached: a
-    load_state_dict or an assignment of a new Parameter must take effect)."""
-    pos = model.pos_encoder
+    load_state_dict or an assignment of a new Parameter must take effect).
+
+    Reads the modules' ``_modules``/``_parameters`` dicts rather than going
+    through nn.Module.__getattr__ per name: 14 us instead of 70 per call for
+    two layers, which a launch-bound step pays every time."""
+    modules = model._modules
     kind = model.positional_embedding_type
-    positional = (
-        pos.pos_embedding.weight
-        if kind == "standard"
-        else (pos.inv_freq if pos is not None else None)
-    )
-    layers = tuple(
-        LayerWeights(
-            layer.self_attn.in_proj_weight,
-            layer.self_attn.in_proj_bias,
-            layer.self_attn.out_proj.weight,
-            layer.self_attn.out_proj.bias,
-            layer.linear1.weight,
-            layer.linear1.bias,
-            layer.linear2.weight,
-            layer.linear2.bias,
-            layer.norm1.weight,
-            layer.norm1.bias,
-            layer.norm2.weight,
-            layer.norm2.bias,
+    pos = model.pos_encoder  # None is a plain attribute, not in _modules
+    if kind == "standard":
+        positional = _tensor(pos._modules["pos_embedding"], "weight")
+    else:
+        positional = pos.inv_freq if pos is not None else None
+    layers = []
+    for layer in modules["transformer_encoder"]._modules["layers"]._modules.values():
+        parts = layer._modules
+        attn = parts["self_attn"]
+        out_proj, linear1, linear2 = attn._modules["out_proj"], parts["linear1"], parts["linear2"]
+        norm1, norm2 = parts["norm1"], parts["norm2"]
+        layers.append(
+            LayerWeights(
+                _tensor(attn, "in_proj_weight"),
+                _tensor(attn, "in_proj_bias"),
+                _tensor(out_proj, "weight"),
+                _tensor(out_proj, "bias"),
+                _tensor(linear1, "weight"),
+                _tensor(linear1, "bias"),
+                _tensor(linear2, "weight"),
+                _tensor(linear2, "bias"),
+                _tensor(norm1, "weight"),
+                _tensor(norm1, "bias"),
+                _tensor(norm2, "weight"),
+                _tensor(norm2, "bias"),
+            )
         )
-        for layer in model.transformer_encoder.layers
-    )
+    output = modules["output_layer"]
     return TransformerWeights(
-        model.embedding.weight,
+        _tensor(modules["embedding"], "weight"),
         positional,
-        layers,
-        model.output_layer.weight,
-        model.output_layer.bias,
+        tuple(layers),
+        _tensor(output, "weight"),
+        _tensor(output, "bias"),
     )
+
+
+def _tensor(module, name: str):
+    """``getattr(module, name)``, fast for a registered parameter; anything else
+    (a parametrization's property, a plain tensor attribute) by getattr."""
+    found = module._parameters.get(name)
+    return found if found is not None else getattr(module, name)
 
 
 def statics_of(model) -> Statics:
