@@ -523,6 +523,31 @@ def test_dropout_in_train_mode_keeps_the_references_distribution():
     assert (fast_draws - eval_logits).abs().amax(0).mean() > 0.1  # dropout is active
 
 
+@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_cpu_training_with_dropout_draws_the_references_masks(pe, seed):
+    """The CPU training step runs uncompiled: from the same seed it draws the
+    reference's dropout masks (nn.MultiheadAttention's output lies in memory
+    as (T, B, d), which decides which position gets which draw), so logits,
+    gradients and the random state afterwards all match."""
+    config = small_config(positional_embedding_type=pe, dropout=0.3, seed=seed % 997)
+    reference, fast = reference_and_fast(config)
+    ids = random_ids(seed, 50, 3, 11)
+    results = []
+    for model in (reference, fast):
+        torch.manual_seed(seed)
+        logits = model.train()(ids)
+        grads = torch.autograd.grad(logits.square().mean(), list(model.parameters()))
+        results.append((logits, grads, torch.random.get_rng_state()))
+    (ref_logits, ref_grads, ref_state), (logits, grads, state) = results
+    torch.testing.assert_close(logits, ref_logits, **FP32_LOGITS)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, **FP32_GRADS)
+    assert torch.equal(state, ref_state)
+    with torch.no_grad():
+        assert (logits - reference.eval()(ids)).abs().max() > 1e-2  # dropout was active
+
+
 def _weights_after_training(device: str) -> list[torch.Tensor]:
     torch.manual_seed(11)
     config = small_config(positional_embedding_type="rotary_qk", dropout=0.1)

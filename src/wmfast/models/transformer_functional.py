@@ -212,6 +212,11 @@ def transformer_forward(
     fuse_mlp = statics.act_fn == "relu" and record is None and not (train and p > 0)
     reordered_qk = rope is not None and rotated_qkv is not None and record is None
     use_tail = tail is not None and record is None and not (train and p > 0)
+    # nn.MultiheadAttention's output lies in memory as (T, B, d): see
+    # _dropout_in_time_major_order (compiled code draws from its own stream)
+    mha_layout = (
+        train and p > 0 and statics.positional != "rotary_qk" and not torch.compiler.is_compiling()
+    )
     last = len(weights.layers) - 1
     for i, w in enumerate(weights.layers):
         path = f"transformer_encoder.layers.{i}"
@@ -234,7 +239,11 @@ def transformer_forward(
         sa = F.linear(attn, w.out_proj_weight, w.out_proj_bias)
         note(f"{path}.self_attn", sa)
         # post-LN, as nn.TransformerEncoderLayer(norm_first=False)
-        x = _add_norm(x, F.dropout(sa, p, train), w.norm1_weight, w.norm1_bias, statics.eps)
+        if mha_layout:
+            sa = _dropout_in_time_major_order(sa, p)
+        else:
+            sa = F.dropout(sa, p, train)
+        x = _add_norm(x, sa, w.norm1_weight, w.norm1_bias, statics.eps)
         note(f"{path}.norm1", x)
         if fuse_mlp:
             ff = relu_mlp(x, w.linear1_weight, w.linear1_bias, w.linear2_weight, w.linear2_bias)
@@ -250,6 +259,19 @@ def transformer_forward(
     logits = F.linear(x, weights.output_weight, weights.output_bias)
     note("output_layer", logits)
     return logits
+
+
+def _dropout_in_time_major_order(sa: torch.Tensor, p: float) -> torch.Tensor:
+    """dropout1 of the stock encoder layer, with the reference's masks.
+
+    nn.MultiheadAttention(batch_first=True) computes in (T, B, d) and returns
+    a transposed view, and F.dropout on the CPU fills its mask in the input's
+    memory order; so the reference's dropout1 gives draw t * B + b to position
+    (b, t). Dropping out a (T, B, d) copy hands out the draws the same way,
+    and CPU training with dropout then draws the reference's masks (same seed,
+    same masks), not only masks from the same distribution."""
+    time_major = sa.transpose(0, 1).contiguous()  # (T, B, d)
+    return F.dropout(time_major, p, True).transpose(0, 1)
 
 
 def _ignore(path: str, value: object) -> None:
