@@ -180,6 +180,41 @@ def test_a_tail_backward_that_drops_an_answer_row_fails_the_answers_gradients(mo
     assert {c.name.split("/")[0] for c in report.failures()} == {"train_answers"}
 
 
+def test_on_cpu_training_with_dropout_is_compared_mask_for_mask(monkeypatch):
+    """A model with dropout gets a fourth comparison on the CPU, train mode with
+    its dropout (the same seed on both sides): the fast CPU training step draws
+    the reference's masks. Masks handed out in another order fail it alone."""
+    from wmfast.models import transformer_functional
+
+    config = small_config(positional_embedding_type="standard", dropout=0.2)
+    ids = [("seed0", random_ids(0, 50, 2, 12))]
+
+    def run():
+        reference = build_model(config, variant="reference")
+        state = torch.random.get_rng_state()
+        report = wc.compare_models(
+            "dropout", reference, make_fast(reference), ids, device=torch.device("cpu"),
+            paths=False, speed=False,
+        )  # fmt: skip
+        assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG untouched
+        return report
+
+    report = run()
+    assert report.ok
+    assert "train_dropout" in {c.name.split("/")[0] for c in report.comparisons}
+
+    monkeypatch.setattr(
+        transformer_functional,
+        "_dropout_in_time_major_order",
+        lambda sa, p: torch.nn.functional.dropout(sa, p, True),
+    )
+    report = run()
+    assert {c.name.split("/")[0] for c in report.failures()} == {"train_dropout"}
+    assert not wc.draws_reference_masks(
+        *[build_model(small_config(), variant="reference")] * 2, torch.device("cpu"), "fp32"
+    )  # no dropout: nothing to compare
+
+
 def test_gradient_atol_scales_with_the_gradients_size():
     want = torch.tensor([200.0, 0.0])
     rounding = torch.tensor([200.0, 5e-5])  # a sum's rounding: relative to its terms

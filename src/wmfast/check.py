@@ -251,6 +251,21 @@ def build_pair(
 
 # -- running models ----------------------------------------------------------------
 
+DROPOUT_SEED = 4321
+
+
+def draws_reference_masks(
+    reference: nn.Module, candidate: nn.Module, device: torch.device, dtype: str
+) -> bool:
+    """Whether train mode with dropout can be compared number for number: the
+    model has dropout, and the candidate's training step draws its masks as
+    the reference does (the uncompiled CPU path, in fp32; compiled code and
+    cuDNN draw from other random streams, the same distribution)."""
+    has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in reference.modules())
+    if not has_dropout or device.type != "cpu" or dtype != "fp32":
+        return False
+    return not is_fast(candidate) or not describe(candidate, device)["compiled_with_grad"]
+
 
 @contextlib.contextmanager
 def dropout_off(*models: nn.Module) -> Iterator[None]:
@@ -499,12 +514,24 @@ def compare_models(
         answers_only = torch.zeros_like(weights["eval_grad"])
         answers_only[:, answer_rows(ids.shape[1])] = 1
         weights["train_answers"] = weights["eval_grad"] * answers_only
+        if draws_reference_masks(reference, candidate, device, dtype):
+            weights["train_dropout"] = weights["eval_grad"]
         for mode, weight in weights.items():
             progress(f"{name}: {label} {mode.replace('_', ' ')}")
             train = mode != "eval_grad"
             reference.train(train), candidate.train(train)
-            with dropout_off(reference, candidate) if train else contextlib.nullcontext():
+            dropout = mode == "train_dropout"
+            with (
+                dropout_off(reference, candidate)
+                if train and not dropout
+                else contextlib.nullcontext(),
+                torch.random.fork_rng(devices=[], enabled=dropout),  # the caller's RNG untouched
+            ):
+                if dropout:
+                    torch.manual_seed(DROPOUT_SEED)  # the same draws on both sides
                 want = reference(ids)
+                if dropout:
+                    torch.manual_seed(DROPOUT_SEED)
                 with _autocast(device, dtype):
                     got = candidate(ids)
                 report.comparisons.append(
