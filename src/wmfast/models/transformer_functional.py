@@ -201,6 +201,7 @@ def transformer_forward(
 
     act = F.relu if statics.act_fn == "relu" else F.gelu
     p, train = statics.dropout, statics.training
+    dropping = train and p > 0
     in_place = (
         rotate_qk_in_place is not None
         and record is None
@@ -209,13 +210,13 @@ def transformer_forward(
     )
     # the feed-forward block with an in-place ReLU (wmfast.ops.mlp_eager) where
     # nothing needs linear1's own output: no record, no dropout between the two
-    fuse_mlp = statics.act_fn == "relu" and record is None and not (train and p > 0)
+    fuse_mlp = statics.act_fn == "relu" and record is None and not dropping
     reordered_qk = rope is not None and rotated_qkv is not None and record is None
-    use_tail = tail is not None and record is None and not (train and p > 0)
+    use_tail = tail is not None and record is None and not dropping
     # nn.MultiheadAttention's output lies in memory as (T, B, d): see
     # _dropout_in_time_major_order (compiled code draws from its own stream)
     mha_layout = (
-        train and p > 0 and statics.positional != "rotary_qk" and not torch.compiler.is_compiling()
+        dropping and statics.positional != "rotary_qk" and not torch.compiler.is_compiling()
     )
     last = len(weights.layers) - 1
     for i, w in enumerate(weights.layers):
