@@ -103,14 +103,16 @@ def bench_rotary_qk(benchmark, device, ops, compiled_rotary_qk, shape, dtype, im
     gen = torch.Generator().manual_seed(0)
     grad = direction == "fwdbwd"
     qkv = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(device, dtype)
-    qkv.requires_grad_(grad)
+    # q and k are leaves viewing the packed projection: backward times the op's
+    # own backward, not autograd scattering d_q and d_k into a packed gradient
+    q_in, k_in = (qkv[:, :, i].requires_grad_(grad) for i in (0, 1))
     cos, sin = WF.rotary_tables(seq_len, WF.rotary_inv_freq(head_dim).to(device))
     cos, sin = cos[None], sin[None]  # (1, T, D/2): one table for the whole batch
     g_q = torch.randn(batch, seq_len, heads, head_dim, generator=gen).to(device, dtype)
     g_k = g_q.flip(0)
 
     if impl == "liger":
-        fn = _liger_rotary_qk(qkv.detach(), cos, sin, g_q, g_k, direction)
+        fn = _liger_rotary_qk(qkv, cos, sin, g_q, g_k, direction)
     elif impl == "wmfast_triton_inplace":
         buffer = qkv.detach().clone()
 
@@ -125,10 +127,10 @@ def bench_rotary_qk(benchmark, device, ops, compiled_rotary_qk, shape, dtype, im
         }[impl]
 
         def fn():
-            q, k = rotate(qkv[:, :, 0], qkv[:, :, 1], cos, sin)
+            q, k = rotate(q_in, k_in, cos, sin)
             if grad:
                 torch.autograd.backward((q, k), (g_q, g_k))
-                qkv.grad = None
+                q_in.grad = k_in.grad = None
 
     numel = batch * seq_len * heads * head_dim
     moved = 4 * numel * qkv.element_size() * (2 if grad else 1)

@@ -5,9 +5,12 @@
 #
 #   bash bench/gpu_session.sh STAGE [STAGE ...]
 #
-#   tests         versions, then the CUDA/Triton tests and the fast-vs-reference
-#                 property suite on CUDA                       (<= 240 s)
+#   tests         the whole test suite, CUDA tests included, on 12 workers
+#                 (pytest-xdist); failures in full in tests.log (<= 240 s)
 #   rotary        the rotary kernel benchmarks                 (<= 200 s)
+#   rotary:EXPR   the rotary benchmarks that pytest -k EXPR selects
+#   profile       torch.profiler's kernel table of the SIR bf16 training step,
+#                 torch.compile(reference) beside fast          (<= 150 s)
 #   check         wmfast check on CUDA, fp32 and bf16: the JSON reports
 #                                                              (<= 150 s)
 #   determinism   set_deterministic's cost, bitwise reruns     (<= 150 s)
@@ -70,7 +73,8 @@ run_pytest() { # run_pytest SECONDS ARGS...: pytest under a timeout, never past 
     echo "skipped (only ${seconds}s left in this call): pytest $*"
     return 0
   fi
-  timeout "$seconds" python3 -m pytest -q -p no:cacheprovider "$@"
+  # SIGINT first: pytest then still prints its summary (the failures so far)
+  timeout -s INT -k 20 "$seconds" python3 -m pytest -q -p no:cacheprovider "$@"
 }
 
 setup
@@ -78,12 +82,15 @@ for stage in "$@"; do
   echo "== $stage ($(left)s left)"
   case "$stage" in
     tests)
-      run_pytest 240 tests --maxfail=20 -k "cuda or kernels or ops or fast or interp or check" \
-        2>&1 | tee "$OUT/tests.log" | tail -20
+      run_pytest 240 tests -n 12 -rfE --tb=short >"$OUT/tests.log" 2>&1
+      tail -25 "$OUT/tests.log"
       ;;
-    rotary)
-      run_pytest 200 bench/bench_rotary.py --benchmark-only \
+    rotary | rotary:*)
+      run_pytest 200 bench/bench_rotary.py --benchmark-only -k "${stage#rotary:}" \
         --benchmark-json="$OUT/bench_rotary.json" 2>&1 | tail -5
+      ;;
+    profile)
+      timeout -s INT "$(budget 150)" python3 -m bench.profile_step --out "$OUT/profile.txt"
       ;;
     check)
       for dtype in fp32 bf16; do
@@ -104,7 +111,7 @@ for stage in "$@"; do
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests, rotary, check, determinism, compile, models:EXPR)"
+      echo "unknown stage: $stage (tests, rotary[:EXPR], profile, check, determinism, compile, models:EXPR)"
       exit 2
       ;;
   esac
