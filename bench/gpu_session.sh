@@ -11,6 +11,7 @@
 #   rotary:EXPR   the rotary benchmarks that pytest -k EXPR selects
 #   profile       torch.profiler's kernel table of the SIR bf16 training step,
 #                 torch.compile(reference) beside fast          (<= 150 s)
+#   tools         tools/fused_path_diff.py and tools/rotary_tune.py (<= 90 s)
 #   check         wmfast check on CUDA, fp32 and bf16: the JSON reports
 #                                                              (<= 150 s)
 #   determinism   set_deterministic's cost, bitwise reruns     (<= 150 s)
@@ -42,7 +43,9 @@ export PYTHONUNBUFFERED=1
 export WMFAST_HYPOTHESIS_PROFILE=ci
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
 export WMFAST_BENCH_PARTIAL="$OUT/partial.jsonl"
-CALL_LIMIT=570 # seconds: leave the device call room to send $OUT back
+# seconds: leave the device call room to send $OUT back (lower it when less
+# device time is left than a whole call)
+CALL_LIMIT=${WMFAST_CALL_LIMIT:-570}
 
 left() { echo $((CALL_LIMIT - SECONDS)); }
 budget() { # the smaller of a stage's own limit and what is left of the call
@@ -82,12 +85,19 @@ for stage in "$@"; do
   echo "== $stage ($(left)s left)"
   case "$stage" in
     tests)
-      run_pytest 240 tests -n 12 -rfE --tb=short >"$OUT/tests.log" 2>&1
+      run_pytest 250 tests -n 14 -rfE --tb=short >"$OUT/tests.log" 2>&1
       tail -25 "$OUT/tests.log"
       ;;
     rotary | rotary:*)
       run_pytest 200 bench/bench_rotary.py --benchmark-only -k "${stage#rotary:}" \
         --benchmark-json="$OUT/bench_rotary.json" 2>&1 | tail -5
+      ;;
+    tools)
+      {
+        timeout "$(budget 30)" python3 tools/fused_path_diff.py
+        timeout "$(budget 60)" python3 tools/rotary_tune.py
+      } >"$OUT/tools.txt" 2>&1
+      tail -40 "$OUT/tools.txt"
       ;;
     profile)
       timeout -s INT "$(budget 150)" python3 -m bench.profile_step --out "$OUT/profile.txt"
@@ -111,7 +121,7 @@ for stage in "$@"; do
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests, rotary[:EXPR], profile, check, determinism, compile, models:EXPR)"
+      echo "unknown stage: $stage (tests, rotary[:EXPR], profile, tools, check, determinism, compile, models:EXPR)"
       exit 2
       ;;
   esac

@@ -286,6 +286,24 @@ def dropout_off(*models: nn.Module) -> Iterator[None]:
             setattr(module, attr, value)
 
 
+@contextlib.contextmanager
+def cudnn_off_for_eval_rnn_backward(model: nn.Module, device: torch.device, train: bool):
+    """cuDNN's RNN kernels have no backward in eval mode (PyTorch raises "cudnn
+    RNN backward can only be called in training mode", for the reference too):
+    a recurrent model's eval-mode gradients on CUDA are taken with cuDNN off,
+    from PyTorch's own RNN kernels. Use it around both sides of a comparison."""
+    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    if device.type != "cuda" or train or not recurrent:
+        yield
+        return
+    saved = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = saved
+
+
 def _autocast(device: torch.device, dtype: str):
     return autocast(AUTOCAST_DTYPES[dtype], device)
 
@@ -526,6 +544,7 @@ def compare_models(
                 if train and not dropout
                 else contextlib.nullcontext(),
                 torch.random.fork_rng(devices=[], enabled=dropout),  # the caller's RNG untouched
+                cudnn_off_for_eval_rnn_backward(reference, device, train),
             ):
                 if dropout:
                     torch.manual_seed(DROPOUT_SEED)  # the same draws on both sides
