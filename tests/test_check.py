@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from wmfast import build_model, save_run
+from wmfast import backends, build_model, save_run
 from wmfast import check as wc
 from wmfast.cli import main
 from wmfast.fast import make_fast
@@ -87,12 +87,12 @@ def test_default_models_pass_and_the_json_has_the_documented_layout(default_repo
 def test_the_report_says_what_ran(default_report):
     _, report = default_report
     ran = {m["name"]: m["ran"] for m in report["models"]}
-    assert ran["transformer/rotary_qk"]["compiled_no_grad"] is True  # the CPU rule
-    assert ran["transformer/rotary_qk"]["compiled_with_grad"] is False
-    assert (
-        ran["transformer/rotary_qk"]["rotary"] == "torch"
-        and ran["transformer/rotary_qk"]["attention"] == "sdpa"
-    )
+    on_cuda = torch.device(report["settings"]["device"]).type == "cuda"  # device auto
+    assert ran["transformer/rotary_qk"]["compiled_no_grad"] is True  # on every device
+    assert ran["transformer/rotary_qk"]["compiled_with_grad"] is on_cuda  # the CPU rule
+    rotary = "triton" if on_cuda and backends.triton_installed() else "torch"
+    assert ran["transformer/rotary_qk"]["rotary"] == rotary
+    assert ran["transformer/rotary_qk"]["attention"] == "sdpa"
     assert ran["transformer/standard"]["rotary"] == "none"  # nothing rotates there
     assert ran["lstm"]["attention"] == "none (recurrent)"
     assert report["environment"]["torch"] == torch.__version__

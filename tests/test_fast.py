@@ -139,12 +139,20 @@ def test_fast_equals_reference_train_without_dropout(device, config, shape, seed
 @pytest.mark.parametrize("device", DEVICES)
 @given(model_configs(transformer_only=True), shapes, st.integers(0, 2**31 - 1))
 def test_fast_equals_reference_under_no_grad_uncompiled(device, config, shape, seed):
-    # the reference takes PyTorch's fused encoder path here
+    # Under no_grad the reference takes PyTorch's fused encoder path, which on
+    # CUDA lies up to 3e-4 from PyTorch's own unfused path at tiny head dims
+    # (H100, torch 2.11: d_model 6, 2 heads; 1.6e-6 at d_model 512;
+    # tools/fused_path_diff.py). So: within 1e-5 of the reference's unfused
+    # output, and no farther from the fused output than that unfused one is.
     reference, fast = reference_and_fast(config, device, compile="never")
     ids = random_ids(seed, config.d_vocab, *shape).to(device)
     reference.eval(), fast.eval()
+    unfused = reference(ids).detach()
     with torch.no_grad():
-        torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+        got, fused = fast(ids), reference(ids)
+    torch.testing.assert_close(got, unfused, **FP32_LOGITS)
+    own_gap = (unfused - fused).abs().max()
+    assert (got - fused).abs().max() <= own_gap + FP32_LOGITS["atol"]
 
 
 # -- the kernel path: Triton rotary kernels inside the model ---------------------------
