@@ -21,8 +21,10 @@ The launchers take ``wrap``: identity for direct launches, or
 the launch. The sequence length is not specialised, so a new length does not
 compile a new kernel. The strides are, as Triton does by default (equal to 1,
 divisible by 16): that is how the compiler knows a row starts 16-byte aligned
-and loads it with vector instructions (with unspecialised batch strides the
-forward ran at 48% of copy bandwidth on an H100). A new length changes their
+and loads it with vector instructions. On an H100 at the SIR shape (bf16) an
+eager forward call took 0.61 ms with unspecialised batch strides and 0.51 ms
+with them specialised, and the kernel alone then moves its bytes at 96% of the
+copy bandwidth (tools/rotary_tune.py). A new length changes the strides'
 divisibility at most once.
 """
 

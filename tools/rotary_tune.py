@@ -47,11 +47,12 @@ def main() -> None:
         torch.empty_like(layouts["contiguous"][0]),
         torch.empty_like(layouts["contiguous"][1]),
     )
-    moved = 4 * q_out.numel() * q_out.element_size()
-    src = torch.empty(moved // 4, device="cuda", dtype=torch.float32)
+    moved = 4 * q_out.numel() * q_out.element_size()  # read q, k; write q', k'
+    # a copy of moved / 2 bytes reads and writes moved bytes in all
+    src = torch.empty(moved // 2 // 4, device="cuda", dtype=torch.float32)
     dst = torch.empty_like(src)
     copy_ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    print(f"copy of the same bytes: {copy_ms * 1e3:.1f} us, {moved / copy_ms / 1e6:.0f} GB/s")
+    print(f"copy moving the same bytes: {copy_ms * 1e3:.1f} us, {moved / copy_ms / 1e6:.0f} GB/s")
     current = K.rotary_qk_blocks(head_dim // 2, heads)
     print(f"kernels/rotary.py's choice: BLOCK_H {current[1]}, num_warps 4 (Triton's default)")
     for layout, (q, k) in layouts.items():
