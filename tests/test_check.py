@@ -215,6 +215,26 @@ def test_on_cpu_training_with_dropout_is_compared_mask_for_mask(monkeypatch):
     )  # no dropout: nothing to compare
 
 
+def test_eval_mode_rnn_gradients_on_cuda_are_taken_without_cudnn():
+    """cuDNN has no eval-mode RNN backward (PyTorch refuses it, for the
+    reference too): around that comparison only, on CUDA, cuDNN is off. The
+    CUDA suite runs the comparison itself; this holds the rule on any machine."""
+    lstm = build_model(small_config(model_class="lstm"), variant="reference")
+    transformer = build_model(small_config(), variant="reference")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    before = torch.backends.cudnn.enabled
+    with wc.cudnn_off_for_eval_rnn_backward(lstm, cuda, train=False):
+        assert torch.backends.cudnn.enabled is False
+    assert torch.backends.cudnn.enabled == before
+    for model, device, train in [
+        (lstm, cuda, True),
+        (lstm, cpu, False),
+        (transformer, cuda, False),
+    ]:
+        with wc.cudnn_off_for_eval_rnn_backward(model, device, train):
+            assert torch.backends.cudnn.enabled == before
+
+
 def test_gradient_atol_scales_with_the_gradients_size():
     want = torch.tensor([200.0, 0.0])
     rounding = torch.tensor([200.0, 5e-5])  # a sum's rounding: relative to its terms
