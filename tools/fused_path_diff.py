@@ -55,9 +55,12 @@ def main() -> None:
         ids = ids.to(device)
         ref_fused, ref_unfused = logits(reference, ids, False), logits(reference, ids, True)
         fast_nograd, fast_grad = logits(fast, ids, False), logits(fast, ids, True)
+        fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
-        ref_nograd_unfused = logits(reference, ids, False)
-        torch.backends.mha.set_fastpath_enabled(True)
+        try:
+            ref_nograd_unfused = logits(reference, ids, False)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         for label, a, b in [
             ("reference fused vs unfused", ref_fused, ref_unfused),
             ("reference no-grad, fastpath off vs unfused", ref_nograd_unfused, ref_unfused),
