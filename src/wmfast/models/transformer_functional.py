@@ -111,14 +111,16 @@ def _tensor(module, name: str):
 
 
 def statics_of(model) -> Statics:
-    first = model.transformer_encoder.layers[0]
+    # through _modules, as gather_weights (7.5 us -> 2 us per call)
+    layers = model._modules["transformer_encoder"]._modules["layers"]._modules
+    first = next(iter(layers.values()))._modules
     return Statics(
         d_model=model.d_model,
-        n_heads=first.self_attn.num_heads,
+        n_heads=first["self_attn"].num_heads,
         positional=model.positional_embedding_type,
         act_fn=model.config.act_fn,
-        dropout=float(first.dropout.p),
-        eps=float(first.norm1.eps),
+        dropout=float(first["dropout"].p),
+        eps=float(first["norm1"].eps),
         training=model.training,
     )
 
