@@ -539,14 +539,18 @@ def test_dropout_in_train_mode_keeps_the_references_distribution():
     assert (fast_draws - eval_logits).abs().amax(0).mean() > 0.1  # dropout is active
 
 
-@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+@pytest.mark.parametrize(
+    "pe, d_mlp", [(pe, 48) for pe in POSITIONAL_TYPES] + [("rotary_qk", 0), (None, 0)]
+)
 @given(seed=st.integers(0, 2**31 - 1))
-def test_cpu_training_with_dropout_draws_the_references_masks(pe, seed):
+def test_cpu_training_with_dropout_draws_the_references_masks(pe, d_mlp, seed):
     """The CPU training step runs uncompiled: from the same seed it draws the
     reference's dropout masks (nn.MultiheadAttention's output lies in memory
-    as (T, B, d), which decides which position gets which draw), so logits,
-    gradients and the random state afterwards all match."""
-    config = small_config(positional_embedding_type=pe, dropout=0.3, seed=seed % 997)
+    as (T, B, d), which decides which position gets which draw; at d_mlp 0
+    the feed-forward block's bias is broadcast, not written out, and its
+    dropout still draws per position), so logits, gradients and the random
+    state afterwards all match."""
+    config = small_config(positional_embedding_type=pe, dropout=0.3, d_mlp=d_mlp, seed=seed % 997)
     reference, fast = reference_and_fast(config)
     ids = random_ids(seed, 50, 3, 11)
     results = []

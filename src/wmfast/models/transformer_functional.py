@@ -147,6 +147,29 @@ def _add_norm(x, y, weight, bias, eps):
     return F.layer_norm(x + y, (x.shape[-1],), weight, bias, eps)
 
 
+def bias_only_ffn(x, linear1_weight, linear1_bias, linear2_weight, linear2_bias):
+    """The feed-forward block ``linear2(dropout(act(linear1(x))))`` at d_mlp 0:
+    linear2's bias at every position, exactly (a sum over no hidden units is 0).
+
+    workingmem's default (d_mlp 0, the SIR model). The composition runs two
+    matrix products with an empty inner dimension: the forward writes the bias
+    into a (B, T, d) tensor and the backward a (B, T, d) tensor of zeros (each
+    an elementwise kernel on CUDA, ~0.15 ms at the SIR shape), which the
+    add & norm kernels then read. Here the bias is broadcast, which
+    torch.compile folds into its add & norm kernel; the values are the same
+    bit for bit, in the dtype the linear gives (autocast's, when on).
+    """
+    # the empty weights still get their (empty) gradients, as on the
+    # reference, through a zero subtracted from the bias: b - 0.0 == b bit for
+    # bit, -0.0 included, and its backward sums only the d_model bias entries
+    zero = linear1_weight.sum() + linear1_bias.sum() + linear2_weight.sum()
+    bias = linear2_bias - zero
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        bias = bias.to(torch.get_autocast_dtype(device))
+    return bias.expand(*x.shape[:-1], bias.shape[0])
+
+
 def transformer_forward(
     weights: TransformerWeights,
     input_ids: torch.Tensor,
@@ -248,8 +271,11 @@ def transformer_forward(
             sa = F.dropout(sa, p, train)
         x = _add_norm(x, sa, w.norm1_weight, w.norm1_bias, statics.eps)
         note(f"{path}.norm1", x)
-        if fuse_mlp:
-            ff = relu_mlp(x, w.linear1_weight, w.linear1_bias, w.linear2_weight, w.linear2_bias)
+        mlp = (w.linear1_weight, w.linear1_bias, w.linear2_weight, w.linear2_bias)
+        if w.linear1_weight.shape[0] == 0 and record is None:  # d_mlp 0
+            ff = bias_only_ffn(x, *mlp)
+        elif fuse_mlp:
+            ff = relu_mlp(x, *mlp)
         else:
             pre = F.linear(x, w.linear1_weight, w.linear1_bias)
             note(f"{path}.linear1", pre)
