@@ -39,7 +39,7 @@ MODELS = [
     "rnn",
     "lstm",
 ]
-IMPLS = ["reference", "torch_compile", "fast", "fast_cudagraphs"]
+IMPLS = ["reference", "torch_compile", "fast", "fast_cudagraphs", "fast_torch_rotary"]
 
 # name: (batch, trials (x4 tokens), model fields)
 SHAPES = {
@@ -93,6 +93,12 @@ def build_impl(model: str, impl: str, fields: dict, device):
         return torch.compile(reference)  # the peer a user would try first: default settings
     if impl == "fast":
         return make_fast(reference)
+    if impl == "fast_torch_rotary":
+        # the candidate rule for compiled CUDA calls: Inductor's own code for the
+        # rotary math, which fuses its backward into the packed q/k/v gradient
+        # (the Triton op's separate d_q/d_k outputs cost a copy there:
+        # bench/results/README.md, "h100")
+        return make_fast(reference, rotary="torch")
     return make_fast(reference, mode="reduce-overhead")
 
 
@@ -148,6 +154,8 @@ def timed_call(net, direction: str, batch, dtype: str):
 def bench_model(benchmark, device, smoke, direction, shape, dtype, model, impl):
     if impl == "fast_cudagraphs" and device.type != "cuda":
         pytest.skip("CUDA graphs need CUDA")
+    if impl == "fast_torch_rotary" and (device.type != "cuda" or "rotary" not in model):
+        pytest.skip("the rotary rule's alternative: rotary models on CUDA (CPU takes it anyway)")
     shape = "tiny" if smoke and device.type == "cpu" else shape
     batch_size, trials, fields = SHAPES[shape]
     benchmark.group = f"model/{direction}/{shape}/{dtype}/{model}"

@@ -27,8 +27,13 @@
 # "standard"/"None", and a profile. Next:
 #   1. tests "rotary:not torch_eager"        (the whole suite to its end; the
 #      rotary benchmarks at 10+ calls per round)
-#   2. check determinism "models:train_step and bf16 and sir and (standard or None)"
-#   3. compile, "models:forward and bf16", "models:fp32"
+#   2. "models:train_step and bf16 and sir and transformer"  (since that run: the
+#      d_mlp 0 feed-forward as a broadcast bias, lighter per-call host work;
+#      and fast_torch_rotary, the candidate rule of Inductor's own rotary
+#      code in compiled calls, which fuses the backward into the packed
+#      q/k/v gradient), then profile
+#   3. check determinism "models:train_step and bf16 and small and transformer"
+#   4. compile, "models:forward and bf16", "models:fp32"
 # A session has 30 minutes of device time; a fresh machine takes ~30 s to
 # start and stays warm 30 s after a call, so a call made at once after the
 # last one skips both the start and the setup. Set WMFAST_CALL_LIMIT (seconds)
