@@ -151,13 +151,14 @@ def bias_only_ffn(x, linear1_weight, linear1_bias, linear2_weight, linear2_bias)
     """The feed-forward block ``linear2(dropout(act(linear1(x))))`` at d_mlp 0:
     linear2's bias at every position, exactly (a sum over no hidden units is 0).
 
-    workingmem's default (d_mlp 0, the SIR model). The composition runs two
-    matrix products with an empty inner dimension: the forward writes the bias
-    into a (B, T, d) tensor and the backward a (B, T, d) tensor of zeros (each
-    an elementwise kernel on CUDA, ~0.15 ms at the SIR shape), which the
-    add & norm kernels then read. Here the bias is broadcast, which
-    torch.compile folds into its add & norm kernel; the values are the same
-    bit for bit, in the dtype the linear gives (autocast's, when on).
+    workingmem's default (d_mlp 0, the SIR model). The composition runs
+    matrix products with an empty inner dimension, which still write their
+    outputs whole: the bias copied into a (B, T, d) tensor forward, zeros for
+    linear1's input gradient backward, each read again by the next kernel
+    (on an H100 at the SIR shape, most likely the three ~0.15 ms elementwise
+    kernels per step of bench/results' profile). Here the bias is broadcast,
+    which torch.compile folds into its add & norm kernel; the values are the
+    same bit for bit, in the dtype the linear gives (autocast's, when on).
     """
     # the empty weights still get their (empty) gradients, as on the
     # reference, through a zero subtracted from the bias: b - 0.0 == b bit for
