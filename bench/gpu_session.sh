@@ -17,6 +17,8 @@
 #                                                              (<= 150 s)
 #   determinism   set_deterministic's cost, bitwise reruns     (<= 150 s)
 #   compile       cold and warm compile time, new processes    (<= 450 s)
+#   overhead      host overhead per call on a tiny model: fast's runner
+#                 against torch.compile(reference)             (<= 120 s)
 #   models:EXPR   the model benchmarks that pytest -k EXPR selects, with what
 #                 is left of the call (each case compiles: ~20-40 s per
 #                 compiled impl, so select a few groups per call)
@@ -32,7 +34,7 @@
 #      and fast_torch_rotary, the candidate rule of Inductor's own rotary
 #      code in compiled calls, which fuses the backward into the packed
 #      q/k/v gradient), then profile
-#   3. check determinism "models:train_step and bf16 and small and transformer"
+#   3. overhead check determinism "models:train_step and bf16 and small and transformer"
 #   4. compile, "models:forward and bf16", "models:fp32"
 # A session has 30 minutes of device time; a fresh machine takes ~30 s to
 # start and stays warm 30 s after a call, so a call made at once after the
@@ -127,12 +129,16 @@ for stage in "$@"; do
       run_pytest 450 bench/bench_compile.py --benchmark-only \
         --benchmark-json="$OUT/bench_compile.json" 2>&1 | tail -5
       ;;
+    overhead)
+      run_pytest 120 bench/bench_overhead.py --benchmark-only \
+        --benchmark-json="$OUT/bench_overhead.json" 2>&1 | tail -5
+      ;;
     models:*)
       run_pytest 570 bench/bench_models.py --benchmark-only -k "${stage#models:}" \
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests, rotary[:EXPR], profile, tools, check, determinism, compile, models:EXPR)"
+      echo "unknown stage: $stage (tests, rotary[:EXPR], profile, tools, check, determinism, compile, overhead, models:EXPR)"
       exit 2
       ;;
   esac
