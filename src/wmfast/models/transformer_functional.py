@@ -72,7 +72,7 @@ def gather_weights(model) -> TransformerWeights:
     else:
         positional = pos.inv_freq if pos is not None else None
     layers = []
-    for layer in modules["transformer_encoder"]._modules["layers"]._modules.values():
+    for layer in _encoder_layers(model):
         parts = layer._modules
         attn = parts["self_attn"]
         out_proj, linear1, linear2 = attn._modules["out_proj"], parts["linear1"], parts["linear2"]
@@ -110,10 +110,14 @@ def _tensor(module, name: str):
     return found if found is not None else getattr(module, name)
 
 
+def _encoder_layers(model):
+    """The encoder layers, read from the ``_modules`` dicts (see gather_weights)."""
+    return model._modules["transformer_encoder"]._modules["layers"]._modules.values()
+
+
 def statics_of(model) -> Statics:
     # through _modules, as gather_weights (7.5 us -> 2 us per call)
-    layers = model._modules["transformer_encoder"]._modules["layers"]._modules
-    first = next(iter(layers.values()))._modules
+    first = next(iter(_encoder_layers(model)))._modules
     return Statics(
         d_model=model.d_model,
         n_heads=first["self_attn"].num_heads,
