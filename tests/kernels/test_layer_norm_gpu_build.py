@@ -1,0 +1,73 @@
+"""The Triton dropout + add + LayerNorm kernels go through the real GPU
+compiler, on any machine (why and how: tests/kernels/gpu_build.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from .gpu_build import build_in_subprocess, compile_for_h100, needs_ptxas
+
+pytestmark = pytest.mark.triton
+
+POINTER = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "bool": "*i1", "i64": "*i64"}
+
+# (d_model, x dtype, y dtype, flags): the SIR model under bf16 autocast (fp32
+# residual, bf16 block output, bf16 copy written), fp32 training, a
+# non-power-of-two width in fp16, and inference (nothing saved)
+FORWARD_VARIANTS = [
+    (512, "fp32", "bf16", dict(DROPOUT=True, WRITE_LOW=True, WRITE_SUM=True)),
+    (512, "fp32", "fp32", dict(DROPOUT=True, WRITE_LOW=False, WRITE_SUM=True)),
+    (96, "fp16", "fp16", dict(DROPOUT=False, WRITE_LOW=False, WRITE_SUM=True)),
+    (512, "fp32", "bf16", dict(DROPOUT=False, WRITE_LOW=True, WRITE_SUM=False)),
+]
+# (d_model, s dtype, y dtype, flags)
+BACKWARD_VARIANTS = [
+    (512, "fp32", "bf16", dict(DROPOUT=True, HAS_D_OUT=True, HAS_D_LOW=True)),
+    (512, "fp32", "fp32", dict(DROPOUT=True, HAS_D_OUT=True, HAS_D_LOW=False)),
+    (96, "fp16", "fp16", dict(DROPOUT=False, HAS_D_OUT=False, HAS_D_LOW=True)),
+]
+
+
+def _forward_signature(x: str, y: str, low: str) -> dict:
+    s = "fp32" if "fp32" in (x, y) else x  # the promoted dtype
+    pointers = dict(
+        x_ptr=x, y_ptr=y, w_ptr="fp32", b_ptr="fp32", seed_ptr="i64",
+        out_ptr=s, low_ptr=low, sum_ptr=s, keep_ptr="bool",
+    )  # fmt: skip
+    scalars = dict(n_rows="i32", n_cols="i32", p="fp32", scale="fp32", eps="fp32")
+    strides = {f"{n}_sr": "i32" for n in ("x", "y", "out", "low", "sum", "keep")}
+    return {**{k: POINTER[v] for k, v in pointers.items()}, **scalars, **strides}
+
+
+def _backward_signature(s: str, y: str) -> dict:
+    pointers = dict(
+        d_out_ptr="fp32", d_low_ptr="bf16", sum_ptr=s, keep_ptr="bool", w_ptr="fp32",
+        d_x_ptr=s, d_y_ptr=y, d_w_part_ptr="fp32", d_b_part_ptr="fp32",
+    )  # fmt: skip
+    scalars = dict(n_rows="i32", n_cols="i32", rows_per_program="i32", scale="fp32", eps="fp32")
+    strides = {f"{n}_sr": "i32" for n in ("d_out", "d_low", "sum", "keep", "d_x", "d_y")}
+    return {**{k: POINTER[v] for k, v in pointers.items()}, **scalars, **strides}
+
+
+def build_all() -> None:
+    """Compile every variant; print one line per kernel built (run in the subprocess)."""
+    from wmfast.kernels import layer_norm as K
+
+    for d_model, x, y, flags in FORWARD_VARIANTS:
+        block_m, block_n, warps = K._blocks(d_model)
+        sizes = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+        kernel = K._dropout_add_layer_norm_fwd_kernel
+        signature = _forward_signature(x, y, "bf16")
+        print(compile_for_h100(kernel, signature, {**sizes, **flags}, num_warps=warps))
+    for d_model, s, y, flags in BACKWARD_VARIANTS:
+        block_m, block_n, warps = K._blocks(d_model)
+        sizes = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+        kernel = K._dropout_add_layer_norm_bwd_kernel
+        signature = _backward_signature(s, y)
+        print(compile_for_h100(kernel, signature, {**sizes, **flags}, num_warps=warps))
+
+
+@needs_ptxas
+def test_every_kernel_variant_compiles_for_h100():
+    out = build_in_subprocess("tests.kernels.test_layer_norm_gpu_build")
+    assert out.count("built ") == len(FORWARD_VARIANTS) + len(BACKWARD_VARIANTS), out
