@@ -18,6 +18,11 @@ attention      "flash_attn" on CUDA with fp16/bf16 inputs when the
 compile        CUDA: always. CPU: only with grad disabled (inference):
                measured on 2 cores, torch.compile makes the no-grad
                forward 1.7x faster but the training step 0.8x slower.
+norm           "torch" (layer_norm(x + dropout(y)) as the reference writes
+               it; compiled, Inductor fuses it). "triton"
+               (wmfast.ops.layer_norm, one pass forward and one backward,
+               with the bf16 copy for the next products) is opt-in until
+               a GPU run measures it against Inductor's kernels.
 =============  ===========================================================
 
 Where nothing is compiled (the CPU training step), the forward takes
@@ -38,6 +43,7 @@ from functools import cache
 import torch
 
 ROTARY_IMPLS = ("auto", "triton", "torch")
+NORM_IMPLS = ("auto", "torch", "triton")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash_attn")
 COMPILE_CHOICES = ("auto", "always", "never")
 
@@ -59,6 +65,17 @@ def resolve_rotary(choice: str, device: torch.device) -> str:
     if choice == "triton" and not triton_installed():
         raise ImportError(
             "rotary='triton' needs triton: pip install 'wmfast[triton]' (or use rotary='torch')"
+        )
+    return choice
+
+
+def resolve_norm(choice: str) -> str:
+    """ "torch" or "triton" for the add & norm after each block."""
+    if choice == "auto":
+        return "torch"
+    if choice == "triton" and not triton_installed():
+        raise ImportError(
+            "norm='triton' needs triton: pip install 'wmfast[triton]' (or use norm='torch')"
         )
     return choice
 

@@ -43,6 +43,7 @@ from wmfast.models.transformer_functional import (
     _torch_embedding_rotation,
     gather_weights,
     statics_of,
+    torch_add_norm,
     transformer_forward,
 )
 from wmfast.ops import rotary_eager, tail_eager
@@ -66,6 +67,7 @@ class FastOptions:
                specializes sizes 0 and 1.
     rotary:    "auto", "triton" or "torch" (see wmfast.backends).
     attention: "auto", "sdpa" or "flash_attn".
+    norm:      "auto", "torch" or "triton": the add & norm after each block.
     """
 
     compile: str = "auto"
@@ -73,6 +75,7 @@ class FastOptions:
     dynamic: bool | None = None
     rotary: str = "auto"
     attention: str = "auto"
+    norm: str = "auto"
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -81,6 +84,7 @@ class FastOptions:
             ("dynamic", (None, True, False)),
             ("rotary", backends.ROTARY_IMPLS),
             ("attention", backends.ATTENTION_IMPLS),
+            ("norm", backends.NORM_IMPLS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -94,6 +98,7 @@ class Plan(NamedTuple):
     compiled: bool
     rotary: str
     attention: str
+    norm: str = "torch"
 
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -182,6 +187,15 @@ def _rotary_functions(impl: str) -> dict[str, Callable]:
     return dict(rotated_qkv=rotary_eager.rotated_qkv, embed_rotary=_torch_embedding_rotation)
 
 
+def _add_norm_function(impl: str) -> Callable:
+    """transformer_forward's add_norm argument for ``impl``."""
+    if impl == "triton":
+        from wmfast.ops import layer_norm  # imports triton: only when picked
+
+        return layer_norm.dropout_add_layer_norm
+    return torch_add_norm
+
+
 def _compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -209,7 +223,7 @@ class FastRunner:
     ) -> Plan:
         if not isinstance(model, TransformerModel):
             # nn.RNN / nn.LSTM through the module path (cuDNN on CUDA)
-            return Plan(compiled=False, rotary="none", attention="none (recurrent)")
+            return Plan(compiled=False, rotary="none", attention="none (recurrent)", norm="none")
         device = device or model.embedding.weight.device
         grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
         rotates = model.positional_embedding_type in ("rotary", "rotary_qk")
@@ -222,6 +236,7 @@ class FastRunner:
             attention=backends.resolve_attention(
                 self.options.attention, device, _compute_dtype(model, device)
             ),
+            norm=backends.resolve_norm(self.options.norm),
         )
 
     def __call__(
@@ -240,6 +255,7 @@ class FastRunner:
         kwargs = dict(
             **_rotary_functions(plan.rotary),
             attend=CAUSAL_ATTENTION[plan.attention],
+            add_norm=_add_norm_function(plan.norm),
             # the tail calls SDPA's CPU kernels itself
             tail=tail_eager.transformer_tail if plan.attention == "sdpa" else None,
         )
@@ -341,4 +357,5 @@ def describe(model: nn.Module, device: torch.device | str | None = None) -> dict
         "compiled_no_grad": inference.compiled,
         "rotary": inference.rotary,
         "attention": inference.attention,
+        "norm": inference.norm,
     }

@@ -135,6 +135,7 @@ RotatedQKV = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 EmbedRotary = Callable[..., torch.Tensor]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 Tail = Callable[..., torch.Tensor | None]
+AddNorm = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _torch_embedding_rotation(emb, cos, sin, scale):
@@ -147,8 +148,15 @@ def _torch_rotary_qk(q, k, cos, sin):
     return WF.rotary_qk(q, k, cos, sin)
 
 
-def _add_norm(x, y, weight, bias, eps):
-    return F.layer_norm(x + y, (x.shape[-1],), weight, bias, eps)
+def torch_add_norm(x, y, weight, bias, eps, p, training, low_dtype=None):
+    """The reference's steps after a block: ``layer_norm(x + dropout(y))``.
+
+    Returns ``(out, out)``: the second is what the next matrix products take,
+    which wmfast.ops.layer_norm's fused kernel also writes in ``low_dtype``
+    (autocast's dtype) in the same pass; here autocast casts it in the
+    products themselves, as on the reference."""
+    out = F.layer_norm(x + F.dropout(y, p, training), (x.shape[-1],), weight, bias, eps)
+    return out, out
 
 
 def bias_only_ffn(x, linear1_weight, linear1_bias, linear2_weight, linear2_bias):
@@ -186,6 +194,7 @@ def transformer_forward(
     rotate_qk_in_place: RotateQKInPlace | None = None,
     rotated_qkv: RotatedQKV | None = None,
     tail: Tail | None = None,
+    add_norm: AddNorm = torch_add_norm,
 ) -> torch.Tensor:
     """logits (B, T, d_vocab) for input_ids (B, T); see TransformerModel.forward.
 
@@ -207,6 +216,11 @@ def transformer_forward(
     attention on (SDPA's CPU kernels, in place of ``attend``), or returns None
     to leave that to the composition (wmfast.ops.tail_eager); not used with
     ``record`` or with dropout active.
+    ``add_norm(x, y, weight, bias, eps, p, training, low_dtype)`` computes
+    ``layer_norm(x + dropout(y))`` after each block and returns it twice: for
+    the residual stream and for the next matrix products, in
+    ``low_dtype`` (autocast's dtype, or None) where it writes that copy itself
+    (wmfast.ops.layer_norm); see ``torch_add_norm``.
     """
     from wmfast.attention_backends import sdpa_causal
 
@@ -248,13 +262,17 @@ def transformer_forward(
     mha_layout = (
         dropping and statics.positional != "rotary_qk" and not torch.compiler.is_compiling()
     )
+    device = input_ids.device.type
+    low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    x_in = x  # what the matrix products take: x, or add_norm's copy of it in `low`
     last = len(weights.layers) - 1
     for i, w in enumerate(weights.layers):
         path = f"transformer_encoder.layers.{i}"
         if reordered_qk:
-            q, k, v = rotated_qkv(x, w.in_proj_weight, w.in_proj_bias, heads, *rope)
+            q, k, v = rotated_qkv(x_in, w.in_proj_weight, w.in_proj_bias, heads, *rope)
         else:
-            qkv = F.linear(x, w.in_proj_weight, w.in_proj_bias).view(batch, seq_len, 3, heads, -1)
+            qkv = F.linear(x_in, w.in_proj_weight, w.in_proj_bias)
+            qkv = qkv.view(batch, seq_len, 3, heads, -1)
             if rope is not None and in_place:
                 rotate_qk_in_place(qkv, *rope)
             q, k, v = qkv.unbind(2)  # (B, T, H, D) views
@@ -270,27 +288,29 @@ def transformer_forward(
         sa = F.linear(attn, w.out_proj_weight, w.out_proj_bias)
         note(f"{path}.self_attn", sa)
         # post-LN, as nn.TransformerEncoderLayer(norm_first=False)
+        drop1 = train
         if mha_layout:
-            sa = _dropout_in_time_major_order(sa, p)
-        else:
-            sa = F.dropout(sa, p, train)
-        x = _add_norm(x, sa, w.norm1_weight, w.norm1_bias, statics.eps)
+            sa, drop1 = _dropout_in_time_major_order(sa, p), False
+        bias_only = w.linear1_weight.shape[0] == 0 and record is None  # d_mlp 0
+        # (at d_mlp 0 no product reads norm1's output: no low copy to write)
+        low1 = None if bias_only else low
+        x, x_in = add_norm(x, sa, w.norm1_weight, w.norm1_bias, statics.eps, p, drop1, low1)
         note(f"{path}.norm1", x)
         mlp = (w.linear1_weight, w.linear1_bias, w.linear2_weight, w.linear2_bias)
-        if w.linear1_weight.shape[0] == 0 and record is None:  # d_mlp 0
+        if bias_only:
             ff = bias_only_ffn(x, *mlp)
         elif fuse_mlp:
-            ff = relu_mlp(x, *mlp)
+            ff = relu_mlp(x_in, *mlp)
         else:
-            pre = F.linear(x, w.linear1_weight, w.linear1_bias)
+            pre = F.linear(x_in, w.linear1_weight, w.linear1_bias)
             note(f"{path}.linear1", pre)
             ff = F.linear(F.dropout(act(pre), p, train), w.linear2_weight, w.linear2_bias)
         note(f"{path}.linear2", ff)
-        x = _add_norm(x, F.dropout(ff, p, train), w.norm2_weight, w.norm2_bias, statics.eps)
+        x, x_in = add_norm(x, ff, w.norm2_weight, w.norm2_bias, statics.eps, p, train, low)
         note(f"{path}.norm2", x)
         note(path, x)
     note("transformer_encoder", x)
-    logits = F.linear(x, weights.output_weight, weights.output_bias)
+    logits = F.linear(x_in, weights.output_weight, weights.output_bias)
     note("output_layer", logits)
     return logits
 
