@@ -39,7 +39,14 @@ MODELS = [
     "rnn",
     "lstm",
 ]
-IMPLS = ["reference", "torch_compile", "fast", "fast_cudagraphs", "fast_torch_rotary"]
+IMPLS = [
+    "reference",
+    "torch_compile",
+    "fast",
+    "fast_cudagraphs",
+    "fast_torch_rotary",
+    "fast_triton_norm",
+]
 
 # name: (batch, trials (x4 tokens), model fields)
 SHAPES = {
@@ -99,6 +106,11 @@ def build_impl(model: str, impl: str, fields: dict, device):
         # (the Triton op's separate d_q/d_k outputs cost a copy there:
         # bench/results/README.md, "h100")
         return make_fast(reference, rotary="torch")
+    if impl == "fast_triton_norm":
+        # the candidate rule for the add & norm: wmfast's Triton kernels
+        # (wmfast.ops.layer_norm), one pass each way with the bf16 copy for the
+        # next products, where Inductor fuses the composition itself
+        return make_fast(reference, norm="triton")
     return make_fast(reference, mode="reduce-overhead")
 
 
@@ -156,6 +168,8 @@ def bench_model(benchmark, device, smoke, direction, shape, dtype, model, impl):
         pytest.skip("CUDA graphs need CUDA")
     if impl == "fast_torch_rotary" and (device.type != "cuda" or "rotary" not in model):
         pytest.skip("the rotary rule's alternative: rotary models on CUDA (CPU takes it anyway)")
+    if impl == "fast_triton_norm" and (device.type != "cuda" or model in ("rnn", "lstm")):
+        pytest.skip("the norm rule's alternative: transformers on CUDA")
     shape = "tiny" if smoke and device.type == "cpu" else shape
     batch_size, trials, fields = SHAPES[shape]
     benchmark.group = f"model/{direction}/{shape}/{dtype}/{model}"

@@ -10,6 +10,8 @@
 #                 250 s reached ~480 of its 495 tests on an H100)
 #   rotary        the rotary kernel benchmarks                 (<= 200 s)
 #   rotary:EXPR   the rotary benchmarks that pytest -k EXPR selects
+#   norm          the dropout + add + LayerNorm benchmarks: wmfast's Triton
+#                 kernels against Inductor's and eager            (<= 120 s)
 #   profile       torch.profiler's kernel table of the SIR bf16 training step,
 #                 torch.compile(reference) beside fast          (<= 150 s)
 #   tools         tools/fused_path_diff.py and tools/rotary_tune.py (<= 90 s)
@@ -27,15 +29,17 @@
 # (bench/results/README.md, "h100"): the suite (cut short at its limit), the
 # rotary benchmarks at one call per round, the bf16 training steps except SIR
 # "standard"/"None", and a profile. Next:
-#   1. tests "rotary:not torch_eager"        (the whole suite to its end; the
-#      rotary benchmarks at 10+ calls per round)
-#   2. "models:train_step and bf16 and sir and transformer"  (since that run: the
-#      d_mlp 0 feed-forward as a broadcast bias, lighter per-call host work;
-#      and fast_torch_rotary, the candidate rule of Inductor's own rotary
-#      code in compiled calls, which fuses the backward into the packed
-#      q/k/v gradient), then profile
-#   3. overhead check determinism "models:train_step and bf16 and small and transformer"
-#   4. compile, "models:forward and bf16", "models:fp32"
+#   1. tests "rotary:not torch_eager" norm   (the whole suite to its end; the
+#      rotary benchmarks at 10+ calls per round; the add & norm kernels)
+#   2. "models:train_step and bf16 and sir and rotary_qk", then profile
+#      (since that run: the d_mlp 0 feed-forward as a broadcast bias, lighter
+#      per-call host work; and two candidate rules beside fast:
+#      fast_torch_rotary, Inductor's own rotary code in compiled calls, which
+#      fuses the backward into the packed q/k/v gradient; fast_triton_norm,
+#      wmfast's add & norm kernels)
+#   3. "models:train_step and bf16 and sir and transformer and not rotary_qk" check
+#   4. overhead determinism "models:train_step and bf16 and small and transformer"
+#   5. compile, "models:forward and bf16", "models:fp32"
 # A session has 30 minutes of device time; a fresh machine takes ~30 s to
 # start and stays warm 30 s after a call, so a call made at once after the
 # last one skips both the start and the setup. Set WMFAST_CALL_LIMIT (seconds)
@@ -105,6 +109,10 @@ for stage in "$@"; do
       run_pytest 200 bench/bench_rotary.py --benchmark-only -k "${stage#rotary:}" \
         --benchmark-json="$OUT/bench_rotary.json" 2>&1 | tail -5
       ;;
+    norm)
+      run_pytest 120 bench/bench_layer_norm.py --benchmark-only \
+        --benchmark-json="$OUT/bench_layer_norm.json" 2>&1 | tail -5
+      ;;
     tools)
       {
         timeout "$(budget 30)" python3 tools/fused_path_diff.py
@@ -138,7 +146,7 @@ for stage in "$@"; do
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests, rotary[:EXPR], profile, tools, check, determinism, compile, overhead, models:EXPR)"
+      echo "unknown stage: $stage (tests, rotary[:EXPR], norm, profile, tools, check, determinism, compile, overhead, models:EXPR)"
       exit 2
       ;;
   esac

@@ -33,16 +33,37 @@ import sys
 import tempfile
 import types
 
-# (positional type, dynamic, dtype, torch.compile mode, d_model, n_heads, d_mlp)
+# (positional type, dynamic, dtype, torch.compile mode, d_model, n_heads, d_mlp, norm)
 CASES = [
-    ("rotary_qk", "none", "bf16", "default", 64, 2, 128),
-    ("rotary_qk", "true", "fp32", "default", 96, 2, 128),  # head dim 48: not a power of two
-    ("rotary_qk", "true", "bf16", "reduce-overhead", 64, 2, 128),
-    ("rotary_qk", "none", "bf16", "default", 512, 4, 0),  # the SIR model: d_mlp 0, head dim 128
-    ("rotary", "true", "bf16", "default", 64, 2, 128),
-    ("rotary", "none", "fp32", "reduce-overhead", 48, 2, 0),
-    ("standard", "true", "bf16", "default", 64, 2, 128),
-    ("None", "true", "fp32", "default", 64, 2, 128),
+    ("rotary_qk", "none", "bf16", "default", 64, 2, 128, "torch"),
+    (
+        "rotary_qk",
+        "true",
+        "fp32",
+        "default",
+        96,
+        2,
+        128,
+        "torch",
+    ),  # head dim 48: not a power of two
+    ("rotary_qk", "true", "bf16", "reduce-overhead", 64, 2, 128, "torch"),
+    (
+        "rotary_qk",
+        "none",
+        "bf16",
+        "default",
+        512,
+        4,
+        0,
+        "torch",
+    ),  # the SIR model: d_mlp 0, head dim 128
+    ("rotary", "true", "bf16", "default", 64, 2, 128, "torch"),
+    ("rotary", "none", "fp32", "reduce-overhead", 48, 2, 0, "torch"),
+    ("standard", "true", "bf16", "default", 64, 2, 128, "torch"),
+    ("None", "true", "fp32", "default", 64, 2, 128, "torch"),
+    # norm="triton" runs in train mode (still no grad): dropout's mask code compiles too
+    ("rotary_qk", "none", "bf16", "default", 512, 4, 0, "triton"),
+    ("standard", "true", "fp32", "reduce-overhead", 64, 2, 128, "triton"),
 ]
 SEQ_LENS = (16, 17, 33, 1)  # 16: Triton's divisible-by-16 case; 1: its own graph
 H100 = types.SimpleNamespace(
@@ -123,7 +144,7 @@ def pretend_h100(compiled_kernels: list[str]) -> None:
     CachingAutotuner._dynamic_scale_rblock = answer(None)
 
 
-def run_case(positional, dynamic, dtype, mode, d_model, n_heads, d_mlp) -> bool:
+def run_case(positional, dynamic, dtype, mode, d_model, n_heads, d_mlp, norm) -> bool:
     """One case in this process; prints a line per sequence length."""
     import torch
     from torch._dynamo.utils import counters
@@ -160,8 +181,9 @@ def run_case(positional, dynamic, dtype, mode, d_model, n_heads, d_mlp) -> bool:
         fast_options=FastOptions(
             dynamic={"none": None, "true": True}[dynamic],
             mode=None if mode == "default" else mode,
+            norm=norm,
         ),
-    ).eval()
+    ).train(norm == "triton")
     model.check_token_ids = False  # a data-dependent check: fake tensors hold no data
     compiled_kernels: list[str] = []
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -182,7 +204,9 @@ def run_case(positional, dynamic, dtype, mode, d_model, n_heads, d_mlp) -> bool:
                 ok = False
             except torch.AcceleratorError:  # the compiled code's first device call: expected
                 new = compiled_kernels[before:]
-                ours = sorted({k for k in new if k.startswith(("_rotary", "_embedding"))})
+                ours = sorted(
+                    {k for k in new if k.startswith(("_rotary", "_embedding", "_dropout"))}
+                )
                 result = f"compiled ({len(new)} new Triton kernels, ours: {ours}); stopped at run"
             except Exception as e:
                 result = f"FAILED: {type(e).__name__}: {str(e)[:2000]}"
@@ -198,11 +222,11 @@ def run_case(positional, dynamic, dtype, mode, d_model, n_heads, d_mlp) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--case", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--case", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        p, dyn, dtype, mode, d, h, mlp = args.case
-        return 0 if run_case(p, dyn, dtype, mode, int(d), int(h), int(mlp)) else 1
+        p, dyn, dtype, mode, d, h, mlp, norm = args.case
+        return 0 if run_case(p, dyn, dtype, mode, int(d), int(h), int(mlp), norm) else 1
     failed = []
     with tempfile.TemporaryDirectory() as cache:
         # cold caches, so Triton and ptxas really compile every kernel; one
@@ -211,9 +235,8 @@ def main() -> int:
         env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
         for case in CASES:
             print(
-                "positional={} dynamic={} dtype={} mode={} d_model={} n_heads={} d_mlp={}".format(
-                    *case
-                )
+                "positional={} dynamic={} dtype={} mode={} d_model={} n_heads={} d_mlp={} "
+                "norm={}".format(*case)
             )
             argv = [sys.executable, __file__, "--case", *map(str, case)]
             if subprocess.run(argv, env=env).returncode != 0:
