@@ -13,7 +13,8 @@
 #   norm          the dropout + add + LayerNorm benchmarks: wmfast's Triton
 #                 kernels against Inductor's and eager            (<= 120 s)
 #   profile       torch.profiler's kernel table of the SIR bf16 training step,
-#                 torch.compile(reference) beside fast          (<= 150 s)
+#                 torch.compile(reference) beside fast and fast_triton_norm
+#                                                              (<= 200 s)
 #   tools         tools/fused_path_diff.py and tools/rotary_tune.py (<= 90 s)
 #   check         wmfast check on CUDA, fp32 and bf16: the JSON reports
 #                                                              (<= 150 s)
@@ -121,7 +122,8 @@ for stage in "$@"; do
       tail -40 "$OUT/tools.txt"
       ;;
     profile)
-      timeout -s INT "$(budget 150)" python3 -m bench.profile_step --out "$OUT/profile.txt"
+      timeout -s INT "$(budget 200)" python3 -m bench.profile_step --out "$OUT/profile.txt" \
+        --impls torch_compile fast fast_triton_norm
       ;;
     check)
       for dtype in fp32 bf16; do

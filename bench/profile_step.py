@@ -37,7 +37,11 @@ def profile_case(model: str, shape: str, dtype: str, impl: str, steps: int, rows
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / steps
     launches = sum(e.count for e in events) / steps
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
+    # wide names: Inductor's kernel names list the ops they fuse, which the
+    # default width cuts to "triton_per_fused__to_copy_add_native_dropout_..."
+    table = prof.key_averages().table(
+        sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=120
+    )
     return (
         f"== {model} {shape} {dtype} train_step, {impl}: {wall_ms:.2f} ms/step wall "
         f"(profiled), {gpu_ms:.2f} ms/step of kernels, {launches:.0f} kernels/step\n"
