@@ -43,6 +43,13 @@ def _inputs(seed, shape, device, y_rows="own", dtype=torch.float32):
     return x, y, weight, bias, g
 
 
+def _assert_grads_close(got_grads, want_grads, tolerance):
+    """The gradients of (x, y, weight, bias): same dtypes, values within ``tolerance``."""
+    for name, got, wanted in zip("x y weight bias".split(), got_grads, want_grads, strict=True):
+        assert got.dtype == wanted.dtype, name
+        torch.testing.assert_close(got, wanted, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def _expand(y, shape):
     return y.expand(shape) if y.shape != shape else y
 
@@ -67,8 +74,7 @@ def test_op_forward_and_grads_match_the_composition(L, shape, y_rows, training, 
     torch.testing.assert_close(out, want, **FP32_LOGITS)
     got_grads = torch.autograd.grad(out, inputs, g)
     want_grads = torch.autograd.grad(want, inputs, g)
-    for name, got, wanted in zip("x y weight bias".split(), got_grads, want_grads, strict=True):
-        torch.testing.assert_close(got, wanted, **FP32_GRADS, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_grads_close(got_grads, want_grads, FP32_GRADS)
 
 
 @given(p=st.sampled_from([0.1, 0.5]), seed=st.integers(0, 2**31 - 1))
@@ -86,8 +92,7 @@ def test_dropout_values_and_grads_follow_the_ops_own_mask(L, p, seed):
     want = F.layer_norm(x + y * keep / (1 - p), shape[-1:], weight, bias, EPS)
     torch.testing.assert_close(out, want, **FP32_LOGITS)
     want_grads = torch.autograd.grad(want, inputs, g)
-    for name, got, wanted in zip("x y weight bias".split(), got_grads, want_grads, strict=True):
-        torch.testing.assert_close(got, wanted, **FP32_GRADS, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_grads_close(got_grads, want_grads, FP32_GRADS)
     assert torch.all(got_grads[1][~keep] == 0)  # dropped elements pass no gradient
 
 
@@ -124,11 +129,7 @@ def test_low_copy_under_autocast_and_both_gradients(L):
     got_grads = torch.autograd.grad((out * g).sum() + (low.float() * g_low).sum(), inputs)
     loss = (want * g).sum() + (want.to(torch.bfloat16).float() * g_low).sum()
     want_grads = torch.autograd.grad(loss, inputs)
-    for name, got, wanted in zip("x y weight bias".split(), got_grads, want_grads, strict=True):
-        assert got.dtype == wanted.dtype, name
-        torch.testing.assert_close(
-            got, wanted, **AUTOCAST_LOGITS, msg=lambda m, n=name: f"{n}: {m}"
-        )
+    _assert_grads_close(got_grads, want_grads, AUTOCAST_LOGITS)
 
 
 def test_compiles_with_no_graph_break_forward_and_backward(L):
