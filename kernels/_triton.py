@@ -13,8 +13,8 @@ import os
 import torch
 
 try:
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+    import triton
+    import triton.language as tl
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
         "wmfast's Triton kernels need triton: pip install 'wmfast[triton]'. "
@@ -26,6 +26,15 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def fp32(value):
+    """A float argument as fp32. Triton types a Python float fp32 when it launches
+    a kernel itself, but Inductor's wrapper types it fp64 (torch >= 2.11), which
+    would turn the math around it into fp64: slower, and a loop-carried fp32
+    accumulator then fails to compile."""
+    return tl.cast(value, tl.float32)
 
 
 def check_device(*tensors: torch.Tensor) -> None:

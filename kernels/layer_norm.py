@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from wmfast.kernels._triton import INTERPRETED, check_device, check_dtype, tl, triton
+from wmfast.kernels._triton import INTERPRETED, check_device, check_dtype, fp32, tl, triton
 
 MAX_COLS = 8192  # one row lives in registers: d_model up to 8192
 
@@ -74,6 +74,7 @@ def _dropout_add_layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DROPOUT: tl.constexpr, WRITE_LOW: tl.constexpr, WRITE_SUM: tl.constexpr,
 ):  # fmt: skip
+    p, scale, eps = fp32(p), fp32(scale), fp32(eps)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -108,6 +109,7 @@ def _dropout_add_layer_norm_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_D_OUT: tl.constexpr, HAS_D_LOW: tl.constexpr,
 ):  # fmt: skip
+    scale, eps = fp32(scale), fp32(eps)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols

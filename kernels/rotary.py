@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from wmfast.kernels._triton import check_device, check_dtype, tl, triton
+from wmfast.kernels._triton import check_device, check_dtype, fp32, tl, triton
 
 MAX_HEAD_DIM = 256
 
@@ -109,6 +109,7 @@ def _embedding_rotation_kernel(
     s_sb, s_st, s_sd,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, ADD_INPUT: tl.constexpr, CONJ: tl.constexpr,
 ):  # fmt: skip
+    scale = fp32(scale)
     b, t = _row_position(seq_len)
     j = tl.arange(0, BLOCK_HALF)
     ok = j < HALF

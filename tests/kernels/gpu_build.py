@@ -45,8 +45,21 @@ def compile_for_h100(kernel, signature: dict, constexprs: dict, num_warps: int =
         options={"num_warps": num_warps},
     )
     assert compiled.asm["cubin"], "ptxas produced no cubin"
+    fp64 = _fp64_math(compiled.asm["ttir"])
+    assert not fp64, f"{kernel.fn.__name__} computes in fp64:\n" + "\n".join(fp64)
     flags = " ".join(f"{k}={v}" for k, v in constexprs.items()) + f" num_warps={num_warps}"
     return f"built {kernel.fn.__name__} {flags} ({_register_use(compiled.asm['ptx'])})"
+
+
+def _fp64_math(ttir: str) -> list[str]:
+    """The TTIR lines that compute in fp64. A float argument may arrive as fp64
+    (Inductor types Python floats so); the kernels cast it to fp32 first, and
+    that cast and the signature are the only f64 lines they should have."""
+    return [
+        line.strip()
+        for line in ttir.splitlines()
+        if "f64" in line and "tt.func" not in line and "arith.truncf" not in line
+    ]
 
 
 def _register_use(ptx: str) -> str:

@@ -28,46 +28,55 @@ BACKWARD_VARIANTS = [
 ]
 
 
-def _forward_signature(x: str, y: str, low: str) -> dict:
+def _forward_signature(x: str, y: str, low: str, floats: str) -> dict:
     s = "fp32" if "fp32" in (x, y) else x  # the promoted dtype
     pointers = dict(
         x_ptr=x, y_ptr=y, w_ptr="fp32", b_ptr="fp32", seed_ptr="i64",
         out_ptr=s, low_ptr=low, sum_ptr=s, keep_ptr="bool",
     )  # fmt: skip
-    scalars = dict(n_rows="i32", n_cols="i32", p="fp32", scale="fp32", eps="fp32")
+    scalars = dict(n_rows="i32", n_cols="i32", p=floats, scale=floats, eps=floats)
     strides = {f"{n}_sr": "i32" for n in ("x", "y", "out", "low", "sum", "keep")}
     return {**{k: POINTER[v] for k, v in pointers.items()}, **scalars, **strides}
 
 
-def _backward_signature(s: str, y: str) -> dict:
+def _backward_signature(s: str, y: str, floats: str) -> dict:
     pointers = dict(
         d_out_ptr="fp32", d_low_ptr="bf16", sum_ptr=s, keep_ptr="bool", w_ptr="fp32",
         d_x_ptr=s, d_y_ptr=y, d_w_part_ptr="fp32", d_b_part_ptr="fp32",
     )  # fmt: skip
-    scalars = dict(n_rows="i32", n_cols="i32", rows_per_program="i32", scale="fp32", eps="fp32")
+    scalars = dict(n_rows="i32", n_cols="i32", rows_per_program="i32", scale=floats, eps=floats)
     strides = {f"{n}_sr": "i32" for n in ("d_out", "d_low", "sum", "keep", "d_x", "d_y")}
     return {**{k: POINTER[v] for k, v in pointers.items()}, **scalars, **strides}
+
+
+# The float arguments as triton types them when it launches a kernel (fp32),
+# and as Inductor's wrapper types them inside torch.compile (fp64): the first
+# variant of each kernel is built both ways.
+FLOAT_TYPES = ("fp32", "fp64")
 
 
 def build_all() -> None:
     """Compile every variant; print one line per kernel built (run in the subprocess)."""
     from wmfast.kernels import layer_norm as K
 
-    for d_model, x, y, flags in FORWARD_VARIANTS:
+    for i, (d_model, x, y, flags) in enumerate(FORWARD_VARIANTS):
         block_m, block_n, warps = K._blocks(d_model)
         sizes = dict(BLOCK_M=block_m, BLOCK_N=block_n)
         kernel = K._dropout_add_layer_norm_fwd_kernel
-        signature = _forward_signature(x, y, "bf16")
-        print(compile_for_h100(kernel, signature, {**sizes, **flags}, num_warps=warps))
-    for d_model, s, y, flags in BACKWARD_VARIANTS:
+        for floats in FLOAT_TYPES if i == 0 else FLOAT_TYPES[:1]:
+            signature = _forward_signature(x, y, "bf16", floats)
+            print(compile_for_h100(kernel, signature, {**sizes, **flags}, num_warps=warps), floats)
+    for i, (d_model, s, y, flags) in enumerate(BACKWARD_VARIANTS):
         block_m, block_n, warps = K._blocks(d_model)
         sizes = dict(BLOCK_M=block_m, BLOCK_N=block_n)
         kernel = K._dropout_add_layer_norm_bwd_kernel
-        signature = _backward_signature(s, y)
-        print(compile_for_h100(kernel, signature, {**sizes, **flags}, num_warps=warps))
+        for floats in FLOAT_TYPES if i == 0 else FLOAT_TYPES[:1]:
+            signature = _backward_signature(s, y, floats)
+            print(compile_for_h100(kernel, signature, {**sizes, **flags}, num_warps=warps), floats)
 
 
 @needs_ptxas
 def test_every_kernel_variant_compiles_for_h100():
     out = build_in_subprocess("tests.kernels.test_layer_norm_gpu_build")
-    assert out.count("built ") == len(FORWARD_VARIANTS) + len(BACKWARD_VARIANTS), out
+    extra = 2 * (len(FLOAT_TYPES) - 1)  # the first variant of each kernel, with fp64 floats
+    assert out.count("built ") == len(FORWARD_VARIANTS) + len(BACKWARD_VARIANTS) + extra, out

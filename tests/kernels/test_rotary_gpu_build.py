@@ -30,10 +30,11 @@ EMBEDDING_ROTATION_VARIANTS = [
 ]
 
 
-def _signature(kernel, dtype: str) -> dict:
+def _signature(kernel, dtype: str, floats: str = "fp32") -> dict:
     """Triton's signature for ``kernel``: by the kernels' naming, ``*_ptr``
     arguments point to storage (``cos``/``sin``: the fp32 tables), upper-case
-    ones are the compile-time flags and the rest are integers."""
+    ones are the compile-time flags, ``scale`` is a float (``floats``: fp32 as
+    triton types it, fp64 as Inductor's wrapper does) and the rest are integers."""
     signature = {}
     for name in kernel.arg_names:
         if name.isupper():
@@ -41,7 +42,7 @@ def _signature(kernel, dtype: str) -> dict:
         if name.endswith("_ptr"):
             signature[name] = "*fp32" if name in ("cos_ptr", "sin_ptr") else POINTER_DTYPES[dtype]
         else:
-            signature[name] = "fp32" if name == "scale" else "i32"
+            signature[name] = floats if name == "scale" else "i32"
     return signature
 
 
@@ -51,8 +52,8 @@ def build_all() -> None:
 
     from wmfast.kernels import rotary as K
 
-    def build(kernel, dtype, **flags):
-        print(compile_for_h100(kernel, _signature(kernel, dtype), flags), dtype)
+    def build(kernel, dtype, floats="fp32", **flags):
+        print(compile_for_h100(kernel, _signature(kernel, dtype, floats), flags), dtype, floats)
 
     for head_dim, dtype, conj in ROTARY_QK_VARIANTS:
         block_half, block_h = K.rotary_qk_blocks(head_dim // 2, heads=4)
@@ -60,16 +61,18 @@ def build_all() -> None:
             K._rotary_qk_kernel, dtype,
             HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h, CONJ=conj,
         )  # fmt: skip
-    for d_model, dtype, add_input, conj in EMBEDDING_ROTATION_VARIANTS:
-        build(
-            K._embedding_rotation_kernel, dtype,
-            HALF=d_model // 2, BLOCK_HALF=triton.next_power_of_2(d_model // 2),
-            ADD_INPUT=add_input, CONJ=conj,
-        )  # fmt: skip
+    for i, (d_model, dtype, add_input, conj) in enumerate(EMBEDDING_ROTATION_VARIANTS):
+        for floats in ("fp32", "fp64") if i == 0 else ("fp32",):  # fp64: inside torch.compile
+            build(
+                K._embedding_rotation_kernel, dtype, floats,
+                HALF=d_model // 2, BLOCK_HALF=triton.next_power_of_2(d_model // 2),
+                ADD_INPUT=add_input, CONJ=conj,
+            )  # fmt: skip
 
 
 @needs_ptxas
 def test_every_kernel_variant_compiles_for_h100():
     out = build_in_subprocess("tests.kernels.test_rotary_gpu_build")
     built = out.count("built ")
-    assert built == len(ROTARY_QK_VARIANTS) + len(EMBEDDING_ROTATION_VARIANTS), out
+    # + 1: the first embedding rotation variant again, with an fp64 scale
+    assert built == len(ROTARY_QK_VARIANTS) + len(EMBEDDING_ROTATION_VARIANTS) + 1, out
