@@ -16,7 +16,9 @@
 #   profile       torch.profiler's kernel table of the SIR bf16 training step,
 #                 torch.compile(reference) beside fast and fast_triton_norm
 #                                                              (<= 200 s)
-#   tools         tools/fused_path_diff.py and tools/rotary_tune.py (<= 90 s)
+#   tools         tools/fused_path_diff.py                      (<= 30 s)
+#   tune          tools/rotary_tune.py and tools/layer_norm_tune.py: the
+#                 kernels' launch settings swept               (<= 300 s)
 #   check         wmfast check on CUDA, fp32 and bf16: the JSON reports
 #                                                              (<= 150 s)
 #   determinism   set_deterministic's cost, bitwise reruns     (<= 150 s)
@@ -117,11 +119,15 @@ for stage in "$@"; do
         --benchmark-json="$OUT/bench_layer_norm.json" 2>&1 | tail -5
       ;;
     tools)
-      {
-        timeout "$(budget 30)" python3 tools/fused_path_diff.py
-        timeout "$(budget 60)" python3 tools/rotary_tune.py
-      } >"$OUT/tools.txt" 2>&1
+      timeout "$(budget 30)" python3 tools/fused_path_diff.py >"$OUT/tools.txt" 2>&1
       tail -40 "$OUT/tools.txt"
+      ;;
+    tune)
+      {
+        timeout "$(budget 120)" python3 tools/rotary_tune.py
+        timeout "$(budget 180)" python3 tools/layer_norm_tune.py
+      } >"$OUT/tune.txt" 2>&1
+      tail -20 "$OUT/tune.txt"
       ;;
     profile)
       timeout -s INT "$(budget 200)" python3 -m bench.profile_step --out "$OUT/profile.txt" \
@@ -150,7 +156,7 @@ for stage in "$@"; do
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests[:EXPR], rotary[:EXPR], norm, profile, tools, check, determinism, compile, overhead, models:EXPR)"
+      echo "unknown stage: $stage (tests[:EXPR], rotary[:EXPR], norm, profile, tools, tune, check, determinism, compile, overhead, models:EXPR)"
       exit 2
       ;;
   esac
