@@ -189,16 +189,27 @@ def check_dropout_add_layer_norm(
     check_device(x, y, weight, bias)  # last: a wrong shape or dtype is named the same everywhere
 
 
-def _blocks(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): whole rows, ~1k elements per program and 8
-    per thread. More per thread costs registers and so resident warps: at
-    d_model 512, 8 rows per program took 177 registers forward and 255
-    backward, 2 rows take 56 and 64 (ptxas for sm_90, triton 3.6;
-    tests/kernels/gpu_build.py prints them)."""
+def forward_blocks(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward: whole rows, ~1k elements per
+    program and 8 per thread. At d_model 512 on an H100 every setting from 1 to
+    8 rows and 1 to 8 warps ran at 97-98% of the copy bandwidth
+    (tools/layer_norm_tune.py); more per thread costs registers (8 rows took 177
+    registers, 2 take 56: ptxas for sm_90, tests/kernels/gpu_build.py)."""
     block_n = max(4, triton.next_power_of_2(n_cols))  # _keep_mask draws in fours
     block_m = max(1, 1024 // block_n)
     warps = min(16, max(4, block_n // 256))
     return block_m, block_n, warps
+
+
+def backward_blocks(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the backward: one row per step and 8
+    elements per thread. Its per-row reductions sit between the loads and the
+    stores, so the loads of many small programs must overlap: at d_model 512 on
+    an H100, 1 row and 2 warps took 0.71-0.75 ms (79-83% of the copy bandwidth),
+    2 rows and 4 warps 1.56 ms, 8 rows 0.85-2.5 ms (tools/layer_norm_tune.py)."""
+    block_n = max(4, triton.next_power_of_2(n_cols))
+    warps = min(16, max(1, block_n // 256))
+    return 1, block_n, warps
 
 
 def dropout_add_layer_norm_fwd_launch(
@@ -226,7 +237,7 @@ def dropout_add_layer_norm_fwd_launch(
     n_rows = x.numel() // n_cols
     if n_rows == 0:
         return
-    block_m, block_n, warps = _blocks(n_cols)
+    block_m, block_n, warps = forward_blocks(n_cols)
     x2, y2, out2 = _rows(x, n_cols), _rows(y, n_cols), out.view(-1, n_cols)
     low2 = low.view(-1, n_cols) if low is not None else out2
     s2 = s.view(-1, n_cols) if s is not None else out2
@@ -243,14 +254,14 @@ def dropout_add_layer_norm_fwd_launch(
     )  # fmt: skip
 
 
-def backward_programs(n_rows: int, block_m: int, device: torch.device) -> int:
+def backward_programs(n_rows: int, block_m: int, warps: int, device: torch.device) -> int:
     """How many programs share the backward's rows: as many as an SM keeps
-    resident at once at ~64 registers a thread (8 blocks of 4 warps), so
-    every SM stays busy and the weight-gradient shares stay few (one (d,)
-    row each); a handful under the interpreter."""
+    resident (2048 threads, at most 32 programs), so every SM stays busy and
+    the weight-gradient shares stay few (one (d,) row each: 17 MB at d 512 on
+    an H100, summed in ~10 us); a handful under the interpreter."""
     if device.type == "cuda" and not INTERPRETED:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = 8 * sms
+        wanted = min(32, 64 // warps) * sms
     else:
         wanted = 4
     return max(1, min(wanted, triton.cdiv(n_rows, block_m)))
@@ -272,8 +283,8 @@ def dropout_add_layer_norm_bwd_launch(
     latter through the dropout mask) and return those of weight and bias (fp32)."""
     n_cols = s.shape[-1]
     n_rows = s.numel() // n_cols
-    block_m, block_n, warps = _blocks(n_cols)
-    programs = backward_programs(n_rows, block_m, s.device)
+    block_m, block_n, warps = backward_blocks(n_cols)
+    programs = backward_programs(n_rows, block_m, warps, s.device)
     d_w_part = torch.empty(programs, n_cols, device=s.device, dtype=torch.float32)
     d_b_part = torch.empty_like(d_w_part)
     if n_rows == 0:

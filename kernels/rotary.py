@@ -175,12 +175,17 @@ def check_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     check_device(q, k, cos, sin)
 
 
-def rotary_qk_blocks(half: int, heads: int) -> tuple[int, int]:
-    """(BLOCK_HALF, BLOCK_H) of a rotary_qk program for head_dim = 2 * half."""
+def rotary_qk_blocks(half: int, heads: int) -> tuple[int, int, int]:
+    """(BLOCK_HALF, BLOCK_H, num_warps) of a rotary_qk program for head_dim = 2 * half."""
     block_half = triton.next_power_of_2(half)
     # ~2k elements per program and tensor: enough work per program to hide
     # latency, few enough registers for head dims up to 256
-    return block_half, max(1, min(triton.next_power_of_2(heads), 2048 // block_half))
+    block_h = max(1, min(triton.next_power_of_2(heads), 2048 // block_half))
+    # at least two pairs per thread: at the SIR shape with head_dim 64 (4 heads
+    # of 32 pairs), 4 warps ran at 77% of the copy bandwidth and 2 at 96%; with
+    # head_dim 128, 1 to 4 warps all at 98% (H100, tools/rotary_tune.py)
+    num_warps = max(1, min(4, block_h * block_half // 64))
+    return block_half, block_h, num_warps
 
 
 def rotary_qk_launch(
@@ -199,7 +204,7 @@ def rotary_qk_launch(
     half = head_dim // 2
     if q.numel() == 0:
         return
-    block_half, block_h = rotary_qk_blocks(half, heads)
+    block_half, block_h, num_warps = rotary_qk_blocks(half, heads)
     grid = (batch * seq_len, triton.cdiv(heads, block_h))
     wrap(_rotary_qk_kernel)[grid](
         q, k, q_out, k_out, cos, sin,
@@ -208,6 +213,7 @@ def rotary_qk_launch(
         *_table_strides("cos", cos, batch, seq_len, half),
         *_table_strides("sin", sin, batch, seq_len, half),
         HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h, CONJ=conj,
+        num_warps=num_warps,
     )  # fmt: skip
 
 

@@ -80,7 +80,7 @@ def main() -> None:
     moved = rows * D_MODEL * 17
     copy_ms = copy_ms_for(moved)
     print(line("copy of the forward's bytes", copy_ms, moved, copy_ms))
-    print("kernels/layer_norm.py's choice (BLOCK_M, BLOCK_N, warps):", K._blocks(D_MODEL))
+    print("kernels/layer_norm.py's choice (BLOCK_M, BLOCK_N, warps):", K.forward_blocks(D_MODEL))
     for block_m in (1, 2, 4, 8):
         for warps in (1, 2, 4, 8, 16):
             args = (x, y, w, b, seed, out, low, s, keep, block_m, warps)
@@ -92,6 +92,7 @@ def main() -> None:
     moved = rows * D_MODEL * 17
     copy_ms = copy_ms_for(moved)
     print(line("copy of the backward's bytes", copy_ms, moved, copy_ms))
+    print("kernels/layer_norm.py's choice (BLOCK_M, BLOCK_N, warps):", K.backward_blocks(D_MODEL))
     for block_m in (1, 2, 4, 8):
         for warps in (2, 4, 8, 16):
             for per_sm in (2, 4, 8, 16, 32):

@@ -60,7 +60,7 @@ def sweep(head_dim: int) -> None:
     print(f"== head_dim {head_dim}: copy moving the same bytes: {copy_ms * 1e3:.1f} us, "
           f"{moved / copy_ms / 1e6:.0f} GB/s")  # fmt: skip
     current = K.rotary_qk_blocks(head_dim // 2, heads)
-    print(f"kernels/rotary.py's choice: BLOCK_H {current[1]}, num_warps 4 (Triton's default)")
+    print(f"kernels/rotary.py's choice: BLOCK_H {current[1]}, num_warps {current[2]}")
     for case, (q, k, conj) in cases.items():
         for block_h in (1, 2, 4):
             for num_warps in (1, 2, 4, 8):

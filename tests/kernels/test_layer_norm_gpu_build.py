@@ -60,14 +60,14 @@ def build_all() -> None:
     from wmfast.kernels import layer_norm as K
 
     for i, (d_model, x, y, flags) in enumerate(FORWARD_VARIANTS):
-        block_m, block_n, warps = K._blocks(d_model)
+        block_m, block_n, warps = K.forward_blocks(d_model)
         sizes = dict(BLOCK_M=block_m, BLOCK_N=block_n)
         kernel = K._dropout_add_layer_norm_fwd_kernel
         for floats in FLOAT_TYPES if i == 0 else FLOAT_TYPES[:1]:
             signature = _forward_signature(x, y, "bf16", floats)
             print(compile_for_h100(kernel, signature, {**sizes, **flags}, num_warps=warps), floats)
     for i, (d_model, s, y, flags) in enumerate(BACKWARD_VARIANTS):
-        block_m, block_n, warps = K._blocks(d_model)
+        block_m, block_n, warps = K.backward_blocks(d_model)
         sizes = dict(BLOCK_M=block_m, BLOCK_N=block_n)
         kernel = K._dropout_add_layer_norm_bwd_kernel
         for floats in FLOAT_TYPES if i == 0 else FLOAT_TYPES[:1]:

@@ -52,13 +52,14 @@ def build_all() -> None:
 
     from wmfast.kernels import rotary as K
 
-    def build(kernel, dtype, floats="fp32", **flags):
-        print(compile_for_h100(kernel, _signature(kernel, dtype, floats), flags), dtype, floats)
+    def build(kernel, dtype, floats="fp32", num_warps=4, **flags):
+        signature = _signature(kernel, dtype, floats)
+        print(compile_for_h100(kernel, signature, flags, num_warps), dtype, floats)
 
     for head_dim, dtype, conj in ROTARY_QK_VARIANTS:
-        block_half, block_h = K.rotary_qk_blocks(head_dim // 2, heads=4)
+        block_half, block_h, num_warps = K.rotary_qk_blocks(head_dim // 2, heads=4)
         build(
-            K._rotary_qk_kernel, dtype,
+            K._rotary_qk_kernel, dtype, num_warps=num_warps,
             HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h, CONJ=conj,
         )  # fmt: skip
     for i, (d_model, dtype, add_input, conj) in enumerate(EMBEDDING_ROTATION_VARIANTS):
