@@ -330,6 +330,35 @@ def test_compile_always_trains_like_the_reference(device):
     assert_same_function(reference, fast, random_ids(3, 50, 2, 9), train=True)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("pe", ["standard", "rotary", None, "rotary_qk"])
+def test_compiled_cuda_training_step_equals_reference_at_the_check_size(pe):
+    # wmfast check's own models and input size, on CUDA's rules (compiled training,
+    # Triton rotary): where `wmfast check --device cuda` found the embedding
+    # rotation's op giving wrong gradients in a compiled training graph
+    from wmfast.check import DEFAULT_BATCH, DEFAULT_SEQ_LEN, default_configs
+
+    config = default_configs()[f"transformer/{pe}"]
+    reference, fast = reference_and_fast(config, "cuda")
+    ids = random_ids(11, config.d_vocab, DEFAULT_BATCH, DEFAULT_SEQ_LEN)
+    assert_same_function(reference, fast, ids, train=True)
+    assert describe(fast)["compiled_with_grad"] is True
+
+
+@pytest.mark.triton
+def test_the_rotary_models_compiled_training_takes_the_torch_rotation():
+    runner, cuda = wf.FastRunner(), torch.device("cuda")
+    rotary = build_model(small_config(positional_embedding_type="rotary"))
+    rotary_qk = build_model(small_config(positional_embedding_type="rotary_qk"))
+    assert runner.plan(rotary, cuda, grad_enabled=True).rotary == "torch"
+    assert runner.plan(rotary, cuda, grad_enabled=False).rotary == "triton"
+    assert runner.plan(rotary_qk, cuda, grad_enabled=True).rotary == "triton"
+    uncompiled = wf.FastRunner(FastOptions(compile="never", rotary="triton"))
+    assert uncompiled.plan(rotary, cuda, grad_enabled=True).rotary == "triton"
+    explicit = wf.FastRunner(FastOptions(rotary="triton"))  # compiled on CUDA
+    assert explicit.plan(rotary, cuda, grad_enabled=True).rotary == "torch"
+
+
 def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
     config = small_config(positional_embedding_type="rotary")
     reference, fast = reference_and_fast(config, dynamic=True)

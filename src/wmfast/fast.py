@@ -230,9 +230,18 @@ class FastRunner:
         if backends.functorch_transforms_active():
             # torch.func (per-sample gradients, Jacobians): the plain math only
             return Plan(compiled=False, rotary="torch" if rotates else "none", attention="sdpa")
+        compiled = backends.resolve_compile(self.options.compile, device, grad)
+        rotary = "none"
+        if rotates:
+            rotary = backends.resolve_rotary(
+                self.options.rotary,
+                device,
+                model.positional_embedding_type,
+                compiled_training=compiled and grad,
+            )
         return Plan(
-            compiled=backends.resolve_compile(self.options.compile, device, grad),
-            rotary=backends.resolve_rotary(self.options.rotary, device) if rotates else "none",
+            compiled=compiled,
+            rotary=rotary,
             attention=backends.resolve_attention(
                 self.options.attention, device, _compute_dtype(model, device)
             ),
