@@ -359,6 +359,19 @@ def test_the_rotary_models_compiled_training_takes_the_torch_rotation():
     assert explicit.plan(rotary, cuda, grad_enabled=True).rotary == "torch"
 
 
+@pytest.mark.triton
+def test_the_triton_norm_serves_compiled_cuda_training_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    model, runner = build_model(small_config()), wf.FastRunner()
+    assert runner.plan(model, cuda, grad_enabled=True).norm == "triton"
+    assert runner.plan(model, cuda, grad_enabled=False).norm == "torch"
+    assert runner.plan(model, cpu, grad_enabled=True).norm == "torch"
+    uncompiled = wf.FastRunner(FastOptions(compile="never"))
+    assert uncompiled.plan(model, cuda, grad_enabled=True).norm == "torch"
+    forced = wf.FastRunner(FastOptions(norm="triton", compile="never"))
+    assert forced.plan(model, cpu, grad_enabled=False).norm == "triton"
+
+
 def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
     config = small_config(positional_embedding_type="rotary")
     reference, fast = reference_and_fast(config, dynamic=True)
@@ -758,7 +771,7 @@ def test_missing_triton_or_flash_attn_is_a_clear_error_not_a_fallback(monkeypatc
     with pytest.raises(ImportError, match="flash-attn"):
         fast(random_ids(0, 50, 1, 4))
     assert backends.resolve_rotary("auto", torch.device("cuda")) == "torch"  # auto: documented rule
-    assert backends.resolve_norm("auto") == "torch"
+    assert backends.resolve_norm("auto", torch.device("cuda"), compiled_training=True) == "torch"
 
 
 def test_device_rules():

@@ -21,11 +21,17 @@ attention      "flash_attn" on CUDA with fp16/bf16 inputs when the
 compile        CUDA: always. CPU: only with grad disabled (inference):
                measured on 2 cores, torch.compile makes the no-grad
                forward 1.7x faster but the training step 0.8x slower.
-norm           "torch" (layer_norm(x + dropout(y)) as the reference writes
-               it; compiled, Inductor fuses it). "triton"
-               (wmfast.ops.layer_norm, one pass forward and one backward,
-               with the bf16 copy for the next products) is opt-in until
-               a GPU run measures it against Inductor's kernels.
+norm           "triton" (wmfast.ops.layer_norm: layer_norm(x + dropout(y))
+               in one pass forward and one backward, with the bf16 copy
+               for the next products) in compiled CUDA calls with grad
+               enabled when triton is installed; else "torch" (as the
+               reference writes it; compiled, Inductor fuses it). H100,
+               SIR shape, bf16: the op's forward + backward 1.36 ms against
+               Inductor's 1.99, the training step 21.0 ms against 23.2
+               (bench/results/README.md, "h100-2"). Its forward alone is
+               ~9% slower than Inductor's, and called eagerly its host
+               work (~1 ms a forward + backward) outweighs small shapes:
+               so not for no-grad or uncompiled calls.
 =============  ===========================================================
 
 Where nothing is compiled (the CPU training step), the forward takes
@@ -92,10 +98,12 @@ def resolve_rotary(
     return choice
 
 
-def resolve_norm(choice: str) -> str:
-    """ "torch" or "triton" for the add & norm after each block."""
+def resolve_norm(choice: str, device: torch.device, compiled_training: bool = False) -> str:
+    """ "torch" or "triton" for the add & norm after each block;
+    ``compiled_training``: a compiled call with grad enabled."""
     if choice == "auto":
-        return "torch"
+        use_triton = device.type == "cuda" and compiled_training and triton_installed()
+        return "triton" if use_triton else "torch"
     if choice == "triton" and not triton_installed():
         raise ImportError(
             "norm='triton' needs triton: pip install 'wmfast[triton]' (or use norm='torch')"

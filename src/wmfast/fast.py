@@ -245,7 +245,7 @@ class FastRunner:
             attention=backends.resolve_attention(
                 self.options.attention, device, _compute_dtype(model, device)
             ),
-            norm=backends.resolve_norm(self.options.norm),
+            norm=backends.resolve_norm(self.options.norm, device, compiled and grad),
         )
 
     def __call__(
@@ -365,6 +365,8 @@ def describe(model: nn.Module, device: torch.device | str | None = None) -> dict
         "compiled_with_grad": training.compiled,
         "compiled_no_grad": inference.compiled,
         "rotary": inference.rotary,
+        "rotary_with_grad": training.rotary,
         "attention": inference.attention,
         "norm": inference.norm,
+        "norm_with_grad": training.norm,
     }
