@@ -44,8 +44,7 @@ IMPLS = [
     "torch_compile",
     "fast",
     "fast_cudagraphs",
-    "fast_torch_rotary",
-    "fast_triton_norm",
+    "fast_torch_norm",
 ]
 
 # name: (batch, trials (x4 tokens), model fields)
@@ -100,17 +99,11 @@ def build_impl(model: str, impl: str, fields: dict, device):
         return torch.compile(reference)  # the peer a user would try first: default settings
     if impl == "fast":
         return make_fast(reference)
-    if impl == "fast_torch_rotary":
-        # the candidate rule for compiled CUDA calls: Inductor's own code for the
-        # rotary math, which fuses its backward into the packed q/k/v gradient
-        # (the Triton op's separate d_q/d_k outputs cost a copy there:
-        # bench/results/README.md, "h100")
-        return make_fast(reference, rotary="torch")
-    if impl == "fast_triton_norm":
-        # the candidate rule for the add & norm: wmfast's Triton kernels
-        # (wmfast.ops.layer_norm), one pass each way with the bf16 copy for the
-        # next products, where Inductor fuses the composition itself
-        return make_fast(reference, norm="triton")
+    if impl == "fast_torch_norm":
+        # the norm rule's alternative in compiled CUDA training: Inductor's fused
+        # code for the add & norm instead of wmfast's Triton kernels
+        # (bench/results/README.md, "h100-2")
+        return make_fast(reference, norm="torch")
     return make_fast(reference, mode="reduce-overhead")
 
 
@@ -166,10 +159,8 @@ def timed_call(net, direction: str, batch, dtype: str):
 def bench_model(benchmark, device, smoke, direction, shape, dtype, model, impl):
     if impl == "fast_cudagraphs" and device.type != "cuda":
         pytest.skip("CUDA graphs need CUDA")
-    if impl == "fast_torch_rotary" and (device.type != "cuda" or "rotary" not in model):
-        pytest.skip("the rotary rule's alternative: rotary models on CUDA (CPU takes it anyway)")
-    if impl == "fast_triton_norm" and (device.type != "cuda" or model in ("rnn", "lstm")):
-        pytest.skip("the norm rule's alternative: transformers on CUDA")
+    if impl == "fast_torch_norm" and (device.type != "cuda" or model in ("rnn", "lstm")):
+        pytest.skip("the norm rule's alternative: transformers on CUDA (CPU takes it anyway)")
     shape = "tiny" if smoke and device.type == "cpu" else shape
     batch_size, trials, fields = SHAPES[shape]
     benchmark.group = f"model/{direction}/{shape}/{dtype}/{model}"

@@ -14,9 +14,11 @@
 #   norm          the dropout + add + LayerNorm benchmarks: wmfast's Triton
 #                 kernels against Inductor's and eager            (<= 120 s)
 #   profile       torch.profiler's kernel table of the SIR bf16 training step,
-#                 torch.compile(reference) beside fast and fast_triton_norm
+#                 torch.compile(reference) beside fast and fast_torch_norm
 #                                                              (<= 200 s)
 #   tools         tools/fused_path_diff.py                      (<= 30 s)
+#   probe         tools/rotary_grad_probe.py: the rotary model's gradients
+#                 per way of running its embedding rotation     (<= 150 s)
 #   tune          tools/rotary_tune.py and tools/layer_norm_tune.py: the
 #                 kernels' launch settings swept               (<= 300 s)
 #   check         wmfast check on CUDA, fp32 and bf16: the JSON reports
@@ -29,20 +31,21 @@
 #                 is left of the call (each case compiles: ~20-40 s per
 #                 compiled impl, so select a few groups per call)
 #
-# The calls of one session, in priority order. Done on an H100 on 2026-11-23
-# (bench/results/README.md, "h100"): the suite (cut short at its limit), the
-# rotary benchmarks at one call per round, the bf16 training steps except SIR
-# "standard"/"None", and a profile. Next:
-#   1. tests "rotary:not torch_eager" norm   (the whole suite to its end; the
-#      rotary benchmarks at 10+ calls per round; the add & norm kernels)
-#   2. "models:train_step and bf16 and sir and rotary_qk", then profile
-#      (since that run: the d_mlp 0 feed-forward as a broadcast bias, lighter
-#      per-call host work; and two candidate rules beside fast:
-#      fast_torch_rotary, Inductor's own rotary code in compiled calls, which
-#      fuses the backward into the packed q/k/v gradient; fast_triton_norm,
-#      wmfast's add & norm kernels)
-#   3. "models:train_step and bf16 and sir and transformer and not rotary_qk" check
-#   4. overhead determinism "models:train_step and bf16 and small and transformer"
+# The calls of one session, in priority order. Done on H100s (bench/results/
+# README.md): "h100" (2026-11-23, first run) and "h100-2" (2026-11-23: the
+# whole suite, the rotary and add & norm benchmarks, the SIR training steps,
+# the launch-setting sweeps, wmfast check fp32). Next:
+#   1. probe, then tests:"check_size or triton_norm or
+#      torch_rotation" check   (the rotary model's gradients in compiled
+#      training: which way of running the embedding rotation goes wrong;
+#      wmfast check in fp32 and bf16 with the new rules)
+#   2. "models:train_step and bf16 and sir and transformer" profile
+#      (fast now takes the Triton add & norm in compiled training; beside it
+#      fast_torch_norm, the rule before)
+#   3. overhead determinism "models:train_step and bf16 and small and transformer"
+#      (the Triton add & norm at the launch-bound shape)
+#   4. "rotary:large or sir" norm   (the re-tuned rotary_qk at head_dim 64 and
+#      the large shape; the add & norm kernels' eager host work)
 #   5. compile, "models:forward and bf16", "models:fp32"
 # A session has 30 minutes of device time; a fresh machine takes ~30 s to
 # start and stays warm 30 s after a call, so a call made at once after the
@@ -104,6 +107,10 @@ run_pytest() { # run_pytest SECONDS ARGS...: pytest under a timeout, never past 
 setup
 for stage in "$@"; do
   echo "== $stage ($(left)s left)"
+  if (($(left) < 20)); then # (timeout reads 0 as "no limit" and a negative as an error)
+    echo "skipped: the call's time is up"
+    continue
+  fi
   case "$stage" in
     tests | tests:*)
       expr=${stage#tests}
@@ -122,6 +129,10 @@ for stage in "$@"; do
       timeout "$(budget 30)" python3 tools/fused_path_diff.py >"$OUT/tools.txt" 2>&1
       tail -40 "$OUT/tools.txt"
       ;;
+    probe)
+      timeout "$(budget 150)" python3 tools/rotary_grad_probe.py >"$OUT/probe.txt" 2>&1
+      tail -8 "$OUT/probe.txt"
+      ;;
     tune)
       {
         timeout "$(budget 120)" python3 tools/rotary_tune.py
@@ -131,7 +142,7 @@ for stage in "$@"; do
       ;;
     profile)
       timeout -s INT "$(budget 200)" python3 -m bench.profile_step --out "$OUT/profile.txt" \
-        --impls torch_compile fast fast_triton_norm
+        --impls torch_compile fast fast_torch_norm
       ;;
     check)
       for dtype in fp32 bf16; do
@@ -156,7 +167,7 @@ for stage in "$@"; do
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests[:EXPR], rotary[:EXPR], norm, profile, tools, tune, check, determinism, compile, overhead, models:EXPR)"
+      echo "unknown stage: $stage (tests[:EXPR], rotary[:EXPR], norm, profile, tools, probe, tune, check, determinism, compile, overhead, models:EXPR)"
       exit 2
       ;;
   esac
