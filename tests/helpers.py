@@ -97,3 +97,17 @@ def reference_and_fast(config: ModelConfig, device="cpu", **options):
 # Devices the fast-vs-reference property tests run on: the CPU always, CUDA too
 # when present (so a GPU machine runs the same suite on the CUDA fast path).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """A pass-through tensor mode that records the ops it sees: under a mode
+    the Triton ops take their registered torch.library path
+    (wmfast.ops._eager), which this both forces and shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ..helpers import AUTOCAST_LOGITS, FP32_GRADS, FP32_LOGITS, kernel_device
+from ..helpers import AUTOCAST_LOGITS, FP32_GRADS, FP32_LOGITS, RecordOps, kernel_device
 
 pytestmark = pytest.mark.triton
 
@@ -130,6 +130,27 @@ def test_low_copy_under_autocast_and_both_gradients(L):
     loss = (want * g).sum() + (want.to(torch.bfloat16).float() * g_low).sum()
     want_grads = torch.autograd.grad(loss, inputs)
     _assert_grads_close(got_grads, want_grads, AUTOCAST_LOGITS)
+
+
+def test_registered_ops_compute_what_the_eager_function_computes(L):
+    # as in tests/ops/test_rotary.py: under a tensor mode the registered ops run
+    device = kernel_device()
+    x, y, weight, bias, g = _inputs(4, (2, 5, 16), device)
+    inputs = (x, y, weight, bias)
+
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out, low = L.dropout_add_layer_norm(x, y, weight, bias, EPS, low_dtype=torch.bfloat16)
+        loss = (out * g).sum() + (low.float() * g.flip(-1)).sum()
+        return (out, low), torch.autograd.grad(loss, inputs)
+
+    eager_outputs, eager_grads = run()
+    with RecordOps() as mode:
+        op_outputs, op_grads = run()
+    assert any("wmfast.dropout_add_layer_norm.default" in n for n in mode.names), mode.names
+    assert any("wmfast.dropout_add_layer_norm_backward" in n for n in mode.names), mode.names
+    for got, want in zip(op_outputs + op_grads, eager_outputs + eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_compiles_with_no_graph_break_forward_and_backward(L):

@@ -9,7 +9,9 @@ torch ops with autograd (here) -> functional API ``dropout_add_layer_norm``
 
 As for the rotary ops (wmfast.ops.rotary), each op is registered twice: a
 ``triton_op`` that torch.compile sees into on CUDA, and an opaque
-``custom_op`` for CPU tensors under the Triton interpreter.
+``custom_op`` for CPU tensors under the Triton interpreter; eager calls on
+plain tensors skip both through a plain autograd.Function around the same
+launchers (wmfast.ops._eager).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from wmfast.kernels.layer_norm import (
     dropout_add_layer_norm_bwd_launch,
     dropout_add_layer_norm_fwd_launch,
 )
+from wmfast.ops._eager import launch_eagerly
 
 Tensor = torch.Tensor
 
@@ -160,13 +163,33 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, d_out, d_low, _d_s, _d_keep):
     s, keep, weight = ctx.saved_tensors
     p, eps, x_dtype, y_dtype, w_dtype, b_dtype = ctx.args
-    backward = _backward_traceable if s.is_cuda else _backward_opaque
-    d_x, d_y, d_w, d_b = backward(d_out, d_low, s, keep, weight, p, eps, x_dtype, y_dtype)
+    args = (d_out, d_low, s, keep, weight, p, eps, x_dtype, y_dtype)
+    if launch_eagerly(*(t for t in args[:5] if t is not None)):
+        d_x, d_y, d_w, d_b = _backward_impl(*args, _no_wrap)
+    else:
+        backward = _backward_traceable if s.is_cuda else _backward_opaque
+        d_x, d_y, d_w, d_b = backward(*args)
     return d_x, d_y, d_w.to(w_dtype), d_b.to(b_dtype), None, None, None, None, None, None
 
 
 for _op in (_forward_opaque, _forward_traceable):
     _op.register_autograd(_backward, setup_context=_setup)
+
+
+class _DropoutAddLayerNormEager(torch.autograd.Function):
+    """The forward op outside torch.compile: the same launcher, setup and
+    backward without torch.library's dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, bias, seed, p, eps, out_dtype, low_dtype, save):
+        inputs = (x, y, weight, bias, seed, p, eps, out_dtype, low_dtype, save)
+        outputs = _forward_impl(*inputs, _no_wrap)  # the launcher checks the inputs
+        ctx.mark_non_differentiable(*outputs[2:])  # s and keep: for the backward only
+        if save:
+            _setup(ctx, inputs, outputs)
+        return outputs
+
+    backward = staticmethod(_backward)
 
 
 def dropout_add_layer_norm(
@@ -190,7 +213,9 @@ def dropout_add_layer_norm(
     from torch's generator on x's device: the same distribution as F.dropout,
     not its masks. Differentiable in x, y, weight and bias.
     """
-    check_dropout_add_layer_norm(x, y, weight, bias, p)
+    eager = launch_eagerly(x, y, weight, bias)
+    if not eager:  # before dispatch: the same error under torch.compile (eager: the launcher's)
+        check_dropout_add_layer_norm(x, y, weight, bias, p)
     dropout = training and p > 0
     device = x.device.type
     out_dtype = (
@@ -202,7 +227,10 @@ def dropout_add_layer_norm(
         low_dtype = None
     seed = torch.randint(2**62, (1,), device=x.device) if dropout else None
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, weight, bias))
-    op = _forward_traceable if x.is_cuda else _forward_opaque
+    if eager:
+        op = _DropoutAddLayerNormEager.apply
+    else:
+        op = _forward_traceable if x.is_cuda else _forward_opaque
     out, low, _, _ = op(
         x, y, weight, bias, seed, p if dropout else 0.0, eps, out_dtype, low_dtype, save
     )

@@ -16,8 +16,11 @@ per device (measured with torch 2.13, triton 3.9):
 * ``wmfast::*``, an opaque ``torch.library.custom_op`` with a fake kernel:
   compiles with no graph break everywhere, so it is the CPU (interpreter) op.
 
-The functional API picks by a fixed rule: CUDA tensors -> traceable op, other
-tensors -> opaque op. Backward rotates by the negative angle with the same op.
+The functional API picks by a fixed rule: eager calls on plain tensors -> a
+plain autograd.Function around the same launcher (wmfast.ops._eager: the
+registered ops' dispatch costs more host time than the kernels at small
+sizes); otherwise CUDA tensors -> traceable op, other tensors -> opaque op.
+Backward rotates by the negative angle through the same functional API.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from wmfast.kernels.rotary import (
     embedding_rotation_launch,
     rotary_qk_launch,
 )
+from wmfast.ops._eager import launch_eagerly
 
 Tensor = torch.Tensor
 
@@ -117,6 +121,19 @@ for _op in (_rotary_qk_opaque, _rotary_qk_traceable):
     _op.register_autograd(_rotary_qk_backward, setup_context=_rotary_qk_setup)
 
 
+class _RotaryQKEager(torch.autograd.Function):
+    """rotary_qk outside torch.compile: the ops' launcher, setup and backward
+    without torch.library's dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, conj):
+        outputs = _rotary_qk_impl(q, k, cos, sin, conj, _no_wrap)  # the launcher checks
+        _rotary_qk_setup(ctx, (q, k, cos, sin, conj), outputs)
+        return outputs
+
+    backward = staticmethod(_rotary_qk_backward)
+
+
 def rotary_qk(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, conj: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -126,7 +143,9 @@ def rotary_qk(
     projection); cos and sin are (B, T, D/2), (1, T, D/2) or (T, D/2) fp32.
     Differentiable in q, k, cos and sin.
     """
-    check_rotary_qk(q, k, cos, sin)
+    if launch_eagerly(q, k, cos, sin):
+        return _RotaryQKEager.apply(q, k, cos, sin, conj)
+    check_rotary_qk(q, k, cos, sin)  # before dispatch: the same error under torch.compile
     return _rotary_qk_op(q)(q, k, cos, sin, conj)
 
 
@@ -158,7 +177,11 @@ def rotary_qk_packed_(qkv: Tensor, cos: Tensor, sin: Tensor) -> None:
             "rotary_qk_packed_ rotates in place and has no backward; under autograd use "
             "wmfast.ops.rotary.rotary_qk, which writes new tensors"
         )
-    check_rotary_qk(qkv[:, :, 0], qkv[:, :, 1], cos, sin)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]
+    if launch_eagerly(qkv, cos, sin):
+        rotary_qk_launch(q, k, cos, sin, q, k)  # no autograd to record: the launcher alone
+        return
+    check_rotary_qk(q, k, cos, sin)
     op = _rotary_qk_packed_traceable if qkv.is_cuda else _rotary_qk_packed_opaque
     op(qkv, cos, sin)
 
@@ -217,6 +240,18 @@ for _op in (_embedding_rotation_opaque, _embedding_rotation_traceable):
     _op.register_autograd(_embedding_rotation_backward, setup_context=_embedding_rotation_setup)
 
 
+class _EmbeddingRotationEager(torch.autograd.Function):
+    """embedding_rotation outside torch.compile (see _RotaryQKEager)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, scale, add_input, conj):
+        out = _embedding_rotation_impl(x, cos, sin, scale, add_input, conj, _no_wrap)
+        _embedding_rotation_setup(ctx, (x, cos, sin, scale, add_input, conj), out)
+        return out
+
+    backward = staticmethod(_embedding_rotation_backward)
+
+
 def embedding_rotation(
     x: Tensor,
     cos: Tensor,
@@ -231,6 +266,8 @@ def embedding_rotation(
     x: (B, T, d_model); cos, sin: (T, d/2), (1, T, d/2) or (B, T, d/2) fp32.
     The fused form replaces ``e = embedding(ids) * sqrt(d); e + pos_encoder(e)``.
     """
+    if launch_eagerly(x, cos, sin):
+        return _EmbeddingRotationEager.apply(x, cos, sin, float(scale), add_input, conj)
     check_embedding_rotation(x, cos, sin)
     op = _embedding_rotation_traceable if x.is_cuda else _embedding_rotation_opaque
     return op(x, cos, sin, float(scale), add_input, conj)
