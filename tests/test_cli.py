@@ -69,3 +69,23 @@ def test_train_command_writes_a_run_and_resumes_it(tmp_path, capsys):
     assert main([*args[:-1], "2", "--resume"]) == 0
     assert main([*args, "--n-heads", "5"]) == 2  # a bad config: exit 2
     assert "divisible by n_heads" in capsys.readouterr().err
+
+
+def test_the_ran_column_names_the_training_choices_where_they_differ():
+    from types import SimpleNamespace
+
+    from wmfast.cli import _ran
+
+    ran = dict(variant="fast", compiled_with_grad=True, attention="sdpa")
+    cuda_rotary = SimpleNamespace(
+        ran=dict(
+            ran, rotary="triton", rotary_with_grad="torch", norm="torch", norm_with_grad="triton"
+        )
+    )
+    assert (
+        _ran(cuda_rotary) == "compiled; triton rotary (torch training); triton norm training; sdpa"
+    )
+    cpu_standard = SimpleNamespace(
+        ran=dict(ran, rotary="none", rotary_with_grad="none", norm="torch", norm_with_grad="torch")
+    )
+    assert _ran(cpu_standard) == "compiled; sdpa"

@@ -55,8 +55,17 @@ def _ran(model) -> str:
         compiled = "compiled no-grad"
     else:
         compiled = "eager"
-    rotary = "" if ran.get("rotary") == "none" else f"; {ran.get('rotary')} rotary"
-    return f"{compiled}{rotary}; {ran.get('attention')}"
+    parts = [compiled]
+    # the no-grad choice, and the training one where the rules differ
+    rotary, rotary_training = ran.get("rotary"), ran.get("rotary_with_grad", ran.get("rotary"))
+    if rotary != "none":
+        training = "" if rotary_training == rotary else f" ({rotary_training} training)"
+        parts.append(f"{rotary} rotary{training}")
+    norm, norm_training = ran.get("norm", "torch"), ran.get("norm_with_grad", ran.get("norm"))
+    if "triton" in (norm, norm_training):
+        parts.append("triton norm" if norm == norm_training else f"{norm_training} norm training")
+    parts.append(ran.get("attention"))
+    return "; ".join(parts)
 
 
 def _speed(model, name) -> str:
