@@ -29,9 +29,10 @@ norm           "triton" (wmfast.ops.layer_norm: layer_norm(x + dropout(y))
                SIR shape, bf16: the op's forward + backward 1.36 ms against
                Inductor's 1.99, the training step 21.0 ms against 23.2
                (bench/results/README.md, "h100-2"). Its forward alone is
-               ~9% slower than Inductor's, and called eagerly its host
-               work (~1 ms a forward + backward) outweighs small shapes:
-               so not for no-grad or uncompiled calls.
+               ~9% slower than Inductor's, and at a small shape the op
+               called eagerly lost to PyTorch's eager composition (host
+               work, measured while eager calls still went through
+               torch.library): so not for no-grad or uncompiled calls.
 =============  ===========================================================
 
 Where nothing is compiled (the CPU training step), the forward takes
