@@ -189,13 +189,18 @@ def check_dropout_add_layer_norm(
     check_device(x, y, weight, bias)  # last: a wrong shape or dtype is named the same everywhere
 
 
+def _block_n(n_cols: int) -> int:
+    """Whole rows in a power-of-two block, at least 4 (_keep_mask draws in fours)."""
+    return max(4, triton.next_power_of_2(n_cols))
+
+
 def forward_blocks(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward: whole rows, ~1k elements per
     program and 8 per thread. At d_model 512 on an H100 every setting from 1 to
     8 rows and 1 to 8 warps ran at 97-98% of the copy bandwidth
     (tools/layer_norm_tune.py); more per thread costs registers (8 rows took 177
     registers, 2 take 56: ptxas for sm_90, tests/kernels/gpu_build.py)."""
-    block_n = max(4, triton.next_power_of_2(n_cols))  # _keep_mask draws in fours
+    block_n = _block_n(n_cols)
     block_m = max(1, 1024 // block_n)
     warps = min(16, max(4, block_n // 256))
     return block_m, block_n, warps
@@ -207,7 +212,7 @@ def backward_blocks(n_cols: int) -> tuple[int, int, int]:
     stores, so the loads of many small programs must overlap: at d_model 512 on
     an H100, 1 row and 2 warps took 0.71-0.75 ms (79-83% of the copy bandwidth),
     2 rows and 4 warps 1.56 ms, 8 rows 0.85-2.5 ms (tools/layer_norm_tune.py)."""
-    block_n = max(4, triton.next_power_of_2(n_cols))
+    block_n = _block_n(n_cols)
     warps = min(16, max(1, block_n // 256))
     return 1, block_n, warps
 

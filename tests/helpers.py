@@ -111,3 +111,15 @@ class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def assert_registered_ops_compute_the_same(run, op_names: tuple[str, ...]) -> None:
+    """``run()`` -> (outputs, grads): eagerly (the autograd.Function path) and under
+    RecordOps (the registered ops, each of ``op_names`` seen), bit for bit."""
+    eager_outputs, eager_grads = run()
+    with RecordOps() as mode:
+        op_outputs, op_grads = run()
+    for op_name in op_names:
+        assert any(op_name in n for n in mode.names), (op_name, mode.names)
+    for got, want in zip(op_outputs + op_grads, eager_outputs + eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ..helpers import AUTOCAST_LOGITS, FP32_GRADS, FP32_LOGITS, RecordOps, kernel_device
+from ..helpers import (
+    AUTOCAST_LOGITS,
+    FP32_GRADS,
+    FP32_LOGITS,
+    assert_registered_ops_compute_the_same,
+    kernel_device,
+)
 
 pytestmark = pytest.mark.triton
 
@@ -144,13 +150,9 @@ def test_registered_ops_compute_what_the_eager_function_computes(L):
         loss = (out * g).sum() + (low.float() * g.flip(-1)).sum()
         return (out, low), torch.autograd.grad(loss, inputs)
 
-    eager_outputs, eager_grads = run()
-    with RecordOps() as mode:
-        op_outputs, op_grads = run()
-    assert any("wmfast.dropout_add_layer_norm.default" in n for n in mode.names), mode.names
-    assert any("wmfast.dropout_add_layer_norm_backward" in n for n in mode.names), mode.names
-    for got, want in zip(op_outputs + op_grads, eager_outputs + eager_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_registered_ops_compute_the_same(
+        run, ("wmfast.dropout_add_layer_norm.default", "wmfast.dropout_add_layer_norm_backward")
+    )
 
 
 def test_compiles_with_no_graph_break_forward_and_backward(L):
