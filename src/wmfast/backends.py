@@ -12,9 +12,10 @@ rotary         "triton" on CUDA tensors when triton is installed, else
                "torch" (the same math in PyTorch, in few kernels when not
                compiled: wmfast.ops.rotary_eager; on CPU the Triton
                interpreter would be far slower than PyTorch). One
-               exception, also to an explicit "triton": the "rotary"
-               (embedding rotation) model's compiled training step takes
-               "torch" (COMPILED_TRAINING_EMBEDDING_ROTATION below)
+               exception, also to an explicit "triton": on CUDA with grad
+               enabled, the "rotary" (embedding rotation) model's
+               rotation takes "torch", compiled or not, traced or not
+               (CUDA_EMBEDDING_ROTATION_WITH_GRAD below)
 attention      "flash_attn" on CUDA with fp16/bf16 inputs when the
                flash-attn package is installed, else "sdpa"
                (scaled_dot_product_attention, is_causal=True)
@@ -68,34 +69,35 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-# The embedding rotation's Triton op inside a compiled training graph on CUDA
-# gave wrong gradients: `wmfast check --device cuda` (H100, torch 2.11, triton
-# 3.6) found layer 0's and the embedding's gradients of the "rotary" model off
-# by up to 0.14 (logits and every later layer exact). The same op uncompiled,
-# compiled under no_grad, and rotary_qk's op in compiled training all match the
-# reference there, as does the opaque op in compiled training on CPU. Until a
-# GPU run isolates it (tools/rotary_grad_probe.py), that step takes the
-# reference's own math, which Inductor compiles.
-COMPILED_TRAINING_EMBEDDING_ROTATION = "torch"
+# The embedding rotation's Triton op gives wrong gradients on CUDA at wmfast
+# check's size (H100, torch 2.11, triton 3.6): the "rotary" model's logits and
+# layer 1 are exact, but the embedding's and layer 0's attention, linear1 and
+# norm1 gradients are off by up to 0.14 (relative 0.1 and more), while layer
+# 0's norm2 and linear2 are exact. tools/rotary_grad_probe.py ("h100-3")
+# found it the same uncompiled, in a compiled graph through the triton_op and
+# through the opaque op; the same op on CPU (Triton interpreter), under
+# no_grad on CUDA, rotary_qk's op, and the kernels' own CUDA tests at small
+# shapes all match their references. Until a GPU run isolates the cause, any
+# call that will take gradients through it on CUDA takes the reference's math.
+CUDA_EMBEDDING_ROTATION_WITH_GRAD = "torch"
 
 
 def resolve_rotary(
     choice: str,
     device: torch.device,
     positional: str | None = None,
-    compiled_training: bool = False,
+    with_grad: bool = False,
 ) -> str:
     """ "triton" or "torch" for rotary math on ``device``; ``positional`` is the
-    model's positional type, ``compiled_training`` whether the call is a
-    compiled one with grad enabled."""
+    model's positional type, ``with_grad`` whether the call records gradients."""
     if choice == "triton" and not triton_installed():
         raise ImportError(
             "rotary='triton' needs triton: pip install 'wmfast[triton]' (or use rotary='torch')"
         )
     if choice == "auto":
         choice = "triton" if device.type == "cuda" and triton_installed() else "torch"
-    if choice == "triton" and positional == "rotary" and compiled_training:
-        return COMPILED_TRAINING_EMBEDDING_ROTATION
+    if choice == "triton" and positional == "rotary" and with_grad and device.type == "cuda":
+        return CUDA_EMBEDDING_ROTATION_WITH_GRAD
     return choice
 
 

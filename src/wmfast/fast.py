@@ -237,7 +237,7 @@ class FastRunner:
                 self.options.rotary,
                 device,
                 model.positional_embedding_type,
-                compiled_training=compiled and grad,
+                with_grad=grad,
             )
         return Plan(
             compiled=compiled,
