@@ -151,7 +151,7 @@ def test_registered_ops_compute_what_the_eager_function_computes(L):
         return (out, low), torch.autograd.grad(loss, inputs)
 
     assert_registered_ops_compute_the_same(
-        run, ("wmfast.dropout_add_layer_norm.default", "wmfast.dropout_add_layer_norm_backward")
+        run, ("wmfast.dropout_add_layer_norm", "wmfast.dropout_add_layer_norm_backward")
     )
 
 
