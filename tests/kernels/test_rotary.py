@@ -159,6 +159,60 @@ def test_embedding_rotation_kernel_matches_fp64(
     torch.testing.assert_close(out.double(), want, rtol=tol["rtol"], atol=tol["atol"] * scale * 2)
 
 
+def _guarded(shape, device, fill=7.0):
+    """A tensor of ``shape`` in the middle of a buffer of ``fill``, and the buffer:
+    a kernel writing outside its output shows as a changed guard."""
+    n = torch.Size(shape).numel()
+    pool = torch.full((3 * n,), fill, device=device)
+    return pool[n : 2 * n].view(shape), pool
+
+
+def _check_size(device) -> tuple[int, int]:
+    """(batch, seq_len): wmfast check's on CUDA; under the CPU's interpreter, a
+    size it runs in a second (the guards work the same)."""
+    return (8, 128) if device.type == "cuda" else (2, 16)
+
+
+def _guards_intact(pool, fill=7.0) -> bool:
+    n = pool.numel() // 3
+    return bool((pool[:n] == fill).all() and (pool[2 * n :] == fill).all())
+
+
+@pytest.mark.parametrize("conj", [False, True])
+def test_embedding_rotation_at_the_check_size_writes_its_output_only(K, conj):
+    # wmfast check's size (B 8, T 128, d 64), where the op's gradients in the
+    # "rotary" model were wrong on an H100 (backends.CUDA_EMBEDDING_ROTATION_WITH_GRAD);
+    # the drawn shapes above stay far smaller
+    gen, device = torch.Generator().manual_seed(5), kernel_device()
+    batch, seq_len = _check_size(device)
+    x = torch.randn(batch, seq_len, 64, generator=gen).to(device)
+    x_before = x.clone()
+    cos, sin = WF.rotary_tables(seq_len, WF.rotary_inv_freq(64).to(device))
+    out, pool = _guarded(x.shape, device)
+    K.embedding_rotation_launch(x, cos, sin, out, scale=8.0, add_input=True, conj=conj)
+    s_x = x.double() * 8.0
+    want = s_x + rotate_pairs_fp64(s_x, cos[None], -sin[None] if conj else sin[None])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * 8)
+    assert _guards_intact(pool)
+    assert torch.equal(x, x_before)
+
+
+def test_rotary_qk_at_the_check_size_writes_its_outputs_only(K):
+    gen, device = torch.Generator().manual_seed(6), kernel_device()
+    batch, seq_len = _check_size(device)
+    qkv = torch.randn(batch, seq_len, 3, 4, 16, generator=gen).to(device)  # d_model 64, 4 heads
+    q, k = qkv[:, :, 0], qkv[:, :, 1]
+    cos, sin = WF.rotary_tables(seq_len, WF.rotary_inv_freq(16).to(device))
+    (q_out, q_pool), (k_out, k_pool) = _guarded(q.shape, device), _guarded(k.shape, device)
+    before = qkv.clone()
+    K.rotary_qk_launch(q, k, cos[None], sin[None], q_out, k_out)
+    for got, x in ((q_out, q), (k_out, k)):
+        want = rotate_pairs_fp64(x, cos[None, :, None], sin[None, :, None])
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert _guards_intact(q_pool) and _guards_intact(k_pool)
+    assert torch.equal(qkv, before)
+
+
 # -- clear errors -------------------------------------------------------------------
 
 
