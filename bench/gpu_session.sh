@@ -19,10 +19,13 @@
 #   tools         tools/fused_path_diff.py                      (<= 30 s)
 #   probe         tools/rotary_grad_probe.py: the rotary model's gradients
 #                 per way of running its embedding rotation     (<= 150 s)
+#   fp64          tools/fp64_grad_errors.py: fast's and the fp32 reference's
+#                 distance from fp64 at wmfast check's size      (<= 200 s)
 #   tune          tools/rotary_tune.py and tools/layer_norm_tune.py: the
 #                 kernels' launch settings swept               (<= 300 s)
 #   check         wmfast check on CUDA, fp32 and bf16: the JSON reports
-#                                                              (<= 150 s)
+#   check:DTYPE   the same in one dtype
+#                                                              (<= 300 s)
 #   determinism   set_deterministic's cost, bitwise reruns     (<= 150 s)
 #   compile       cold and warm compile time, new processes    (<= 450 s)
 #   overhead      host overhead per call on a tiny model: fast's runner
@@ -32,21 +35,17 @@
 #                 compiled impl, so select a few groups per call)
 #
 # The calls of one session, in priority order. Done on H100s (bench/results/
-# README.md): "h100" (2026-11-23, first run) and "h100-2" (2026-11-23: the
-# whole suite, the rotary and add & norm benchmarks, the SIR training steps,
-# the launch-setting sweeps, wmfast check fp32). Next:
-#   1. probe, then tests:"check_size or triton_norm or
-#      torch_rotation" check   (the rotary model's gradients in compiled
-#      training: which way of running the embedding rotation goes wrong;
-#      wmfast check in fp32 and bf16 with the new rules)
-#   2. "models:train_step and bf16 and sir and transformer" profile
-#      (fast now takes the Triton add & norm in compiled training; beside it
-#      fast_torch_norm, the rule before)
-#   3. overhead determinism "models:train_step and bf16 and small and transformer"
-#      (the Triton add & norm at the launch-bound shape)
-#   4. "rotary:large or sir" norm   (the re-tuned rotary_qk at head_dim 64 and
-#      the large shape; the add & norm kernels' eager host work)
-#   5. compile, "models:forward and bf16", "models:fp32"
+# README.md): "h100" and "h100-2" (2026-11-23), "h100-3" (2026-11-23: the
+# probe, wmfast check fp32 and bf16, fp64 distances, the bf16 training steps
+# and forwards at both shapes, rotary, add & norm, determinism, overhead).
+# Next:
+#   1. probe tests:"check_size or rotary_models or registered"   (the probe now
+#      compares with the reference at wmfast check's loss scale and adds the
+#      uncompiled torch path: which way of running the embedding rotation is
+#      wrong; the kernels alone at the check's size with guard buffers)
+#   2. tests   (the whole suite on CUDA, after the rule changes)
+#   3. compile "models:fp32"   (not yet run on a GPU)
+#   4. "models:small and (rnn or lstm)"   (RNN/LSTM at the small shape)
 # A session has 30 minutes of device time; a fresh machine takes ~30 s to
 # start and stays warm 30 s after a call, so a call made at once after the
 # last one skips both the start and the setup. Set WMFAST_CALL_LIMIT (seconds)
@@ -133,6 +132,10 @@ for stage in "$@"; do
       timeout "$(budget 150)" python3 tools/rotary_grad_probe.py >"$OUT/probe.txt" 2>&1
       tail -8 "$OUT/probe.txt"
       ;;
+    fp64)
+      timeout "$(budget 200)" python3 tools/fp64_grad_errors.py >"$OUT/fp64.txt" 2>&1
+      grep -v -i warn "$OUT/fp64.txt" | tail -10
+      ;;
     tune)
       {
         timeout "$(budget 120)" python3 tools/rotary_tune.py
@@ -144,9 +147,11 @@ for stage in "$@"; do
       timeout -s INT "$(budget 200)" python3 -m bench.profile_step --out "$OUT/profile.txt" \
         --impls torch_compile fast fast_torch_norm
       ;;
-    check)
-      for dtype in fp32 bf16; do
-        timeout "$(budget 75)" python3 -m wmfast check --device cuda --dtype "$dtype" \
+    check | check:*)
+      dtypes=${stage#check}
+      dtypes=${dtypes#:}
+      for dtype in ${dtypes:-fp32 bf16}; do
+        timeout "$(budget 150)" python3 -m wmfast check --device cuda --dtype "$dtype" \
           --json "$OUT/check_$dtype.json" 2>&1 | tail -12
       done
       ;;
@@ -167,7 +172,7 @@ for stage in "$@"; do
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests[:EXPR], rotary[:EXPR], norm, profile, tools, probe, tune, check, determinism, compile, overhead, models:EXPR)"
+      echo "unknown stage: $stage (tests[:EXPR], rotary[:EXPR], norm, profile, tools, probe, fp64, tune, check, determinism, compile, overhead, models:EXPR)"
       exit 2
       ;;
   esac
