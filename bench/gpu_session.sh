@@ -18,7 +18,8 @@
 #                                                              (<= 200 s)
 #   tools         tools/fused_path_diff.py                      (<= 30 s)
 #   probe         tools/rotary_grad_probe.py: the rotary model's gradients
-#                 per way of running its embedding rotation     (<= 150 s)
+#                 per way of running its embedding rotation, at the check's
+#                 loss scale                                     (<= 150 s)
 #   fp64          tools/fp64_grad_errors.py: fast's and the fp32 reference's
 #                 distance from fp64 at wmfast check's size      (<= 200 s)
 #   tune          tools/rotary_tune.py and tools/layer_norm_tune.py: the
@@ -39,10 +40,9 @@
 # probe, wmfast check fp32 and bf16, fp64 distances, the bf16 training steps
 # and forwards at both shapes, rotary, add & norm, determinism, overhead).
 # Next:
-#   1. probe tests:"check_size or rotary_models or registered"   (the probe now
-#      compares with the reference at wmfast check's loss scale and adds the
-#      uncompiled torch path: which way of running the embedding rotation is
-#      wrong; the kernels alone at the check's size with guard buffers)
+#   1. tests:"check_size or rotary_models or registered"   (the Triton
+#      embedding rotation with gradients at the check's size, compiled and
+#      not; the kernels at the check's size inside guard buffers)
 #   2. tests   (the whole suite on CUDA, after the rule changes)
 #   3. compile "models:fp32"   (not yet run on a GPU)
 #   4. "models:small and (rnn or lstm)"   (RNN/LSTM at the small shape)

@@ -237,7 +237,7 @@ class FastRunner:
                 self.options.rotary,
                 device,
                 model.positional_embedding_type,
-                with_grad=grad,
+                compiled_training=compiled and grad,
             )
         return Plan(
             compiled=compiled,

@@ -73,8 +73,7 @@ class RotaryEmbeddingRotation(_FP32InvFreq):
     rotary_impl = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with_grad = torch.is_grad_enabled()
-        if resolve_rotary(self.rotary_impl, x.device, "rotary", with_grad) == "triton":
+        if resolve_rotary(self.rotary_impl, x.device) == "triton":
             from wmfast.ops.rotary import embedding_rotation
 
             cos, sin = WF.rotary_tables(x.shape[1], self.inv_freq)
