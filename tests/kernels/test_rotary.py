@@ -180,9 +180,10 @@ def _guards_intact(pool, fill=7.0) -> bool:
 
 @pytest.mark.parametrize("conj", [False, True])
 def test_embedding_rotation_at_the_check_size_writes_its_output_only(K, conj):
-    # wmfast check's size (B 8, T 128, d 64), where the op's gradients in the
-    # "rotary" model were wrong on an H100 (backends.CUDA_EMBEDDING_ROTATION_WITH_GRAD);
-    # the drawn shapes above stay far smaller
+    # wmfast check's size (B 8, T 128, d 64), where the check once reported the
+    # "rotary" model's gradients wrong with this op on an H100 (a ReLU kink:
+    # backends.COMPILED_TRAINING_EMBEDDING_ROTATION); the drawn shapes above stay
+    # far smaller
     gen, device = torch.Generator().manual_seed(5), kernel_device()
     batch, seq_len = _check_size(device)
     x = torch.randn(batch, seq_len, 64, generator=gen).to(device)
