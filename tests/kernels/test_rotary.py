@@ -170,7 +170,9 @@ def _guarded(shape, device, fill=7.0):
 def _check_size(device) -> tuple[int, int]:
     """(batch, seq_len): wmfast check's on CUDA; under the CPU's interpreter, a
     size it runs in a second (the guards work the same)."""
-    return (8, 128) if device.type == "cuda" else (2, 16)
+    from wmfast.check import DEFAULT_BATCH, DEFAULT_SEQ_LEN
+
+    return (DEFAULT_BATCH, DEFAULT_SEQ_LEN) if device.type == "cuda" else (2, 16)
 
 
 def _guards_intact(pool, fill=7.0) -> bool:
