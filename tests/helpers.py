@@ -170,3 +170,18 @@ def assert_registered_ops_compute_the_same(run, op_names: tuple[str, ...]) -> No
         assert op_name in seen, (op_name, mode.names)
     for got, want in zip(op_outputs + op_grads, eager_outputs + eager_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def put_relu_inputs_at_zero(model, input_ids, where) -> None:
+    """Shift linear1's bias in layer 0 so that its outputs at ``where`` (a list
+    of (b, t, unit), distinct units) are zero up to rounding: ReLU kinks
+    (wmfast.relu_kinks) at known places, for a model in train mode."""
+    linear1 = model.transformer_encoder.layers[0].linear1
+    seen = []
+    handle = linear1.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with torch.no_grad():
+        model(input_ids)
+    handle.remove()
+    with torch.no_grad():
+        for index in where:
+            linear1.bias[index[-1]] -= seen[0][index]

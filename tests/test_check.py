@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-from wmfast import backends, build_model, save_run
+from wmfast import backends, build_model, relu_kinks, save_run
 from wmfast import check as wc
 from wmfast.cli import main
 from wmfast.fast import make_fast
 
-from .helpers import random_ids, small_config
+from .helpers import put_relu_inputs_at_zero, random_ids, small_config
 
 # The documented JSON layout (README "wmfast check"): fields may be added within
 # a schema version, never removed or renamed.
@@ -29,8 +29,10 @@ MODEL_KEYS = {
     "comparisons",
     "paths_checked",
     "speed",
+    "relu_flips",
+    "notes",
 }
-COMPARISON_KEYS = {"name", "kind", "max_abs", "max_rel", "rtol", "atol", "ok", "path"}
+COMPARISON_KEYS = {"name", "kind", "max_abs", "max_rel", "rtol", "atol", "ok", "path", "relu_flips"}
 SETTINGS_KEYS = {
     "variant",
     "device",
@@ -241,6 +243,83 @@ def test_gradient_atol_scales_with_the_gradients_size():
     assert wc.compare("g", "grad", rounding, want, (1e-4, 1e-5)).ok
     assert not wc.compare("l", "logits", rounding, want, (1e-4, 1e-5)).ok
     assert not wc.compare("g", "grad", torch.tensor([200.0, 3e-3]), want, (1e-4, 1e-5)).ok
+
+
+def _kinked_pair():
+    """A reference with one ReLU input of layer 0 at zero (up to rounding), and
+    a copy that takes it on the other side: two correct models whose rounding
+    differs there, as a fused kernel's may (wmfast.relu_kinks)."""
+    reference = build_model(small_config(positional_embedding_type="rotary"), variant="reference")
+    ids = random_ids(0, 50, 2, 6)  # _compare's
+    put_relu_inputs_at_zero(reference.train(), ids, [(1, 1, 7)])
+    kinks, _ = relu_kinks.near_kinks(reference, lambda: reference(ids), 1e-5)
+    kink = next(k for k in kinks if k.index == (1, 1, 7))
+    return reference, copy.deepcopy(reference), kink
+
+
+def test_gradients_across_a_relu_kink_pass_and_the_report_says_so(monkeypatch):
+    reference, candidate, kink = _kinked_pair()
+    with relu_kinks.flipped(candidate, [kink]):
+        report = _compare(reference, candidate)
+        assert report.ok, report.notes
+        flipped = [c for c in report.comparisons if c.relu_flips]
+        assert {c.name.split("/")[0] for c in flipped} == {
+            "eval_grad",
+            "train_no_dropout",
+            "train_answers",
+        }
+        assert all(c.relu_flips == 1 and c.kind == "grad" for c in flipped)
+        assert [f["index"] for f in report.relu_flips] == [list(kink.index)] * 3
+        assert all(f["path"] == kink.path and f["input"] == kink.value for f in report.relu_flips)
+        assert len(report.notes) == 3 and "a kink, not a mismatch" in report.notes[0]
+        # without the kink search the same pair fails: the gap is real
+        monkeypatch.setattr(wc, "judge_at_kinks", lambda report, label, *a: a[-2])
+        report = _compare(reference, candidate)
+        assert not report.ok
+        assert all(c.kind == "grad" for c in report.failures())
+
+
+def test_the_cli_prints_the_kink_notes_and_exits_0(monkeypatch, capsys):
+    reference, candidate, kink = _kinked_pair()
+    flips = relu_kinks.flipped(candidate, [kink])
+    flips.__enter__()  # for the whole check (its seed-0 ids are _compare's)
+    monkeypatch.setattr(wc, "build_pair", lambda *args: (reference, candidate))
+    try:
+        code = _run_cli_on_config(reference.config, ["--no-paths", "--no-speed"])
+    finally:
+        flips.__exit__(None, None, None)
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0
+    assert "train_no_dropout/seed0: gradients match the reference with 1 ReLU input(s)" in out
+
+
+def test_a_wrong_gradient_is_not_explained_away_by_kinks():
+    """The model has a kink, but the candidate's gradient below layer 0's
+    linear1 is 1% too large (its forward is right): no set of flips explains
+    that, so the check fails and says the gap is not a kink."""
+    reference, candidate, kink = _kinked_pair()
+    linear1 = candidate.transformer_encoder.layers[0].linear1
+    linear1.register_forward_hook(lambda m, a, out: out * 1.01 - out.detach() * 0.01)
+    report = _compare(reference, candidate)
+    assert not report.ok and not report.relu_flips
+    assert all(c.ok for c in report.comparisons if c.kind == "logits")
+    assert any("does not explain" in note for note in report.notes)
+
+
+def test_a_relu_flipped_far_from_zero_is_a_mismatch():
+    reference, candidate, _ = _kinked_pair()
+    ids = random_ids(0, 50, 2, 6)
+    linear1 = "transformer_encoder.layers.0.linear1"
+    seen = []
+    handle = candidate.transformer_encoder.layers[0].linear1.register_forward_hook(
+        lambda m, a, out: seen.append(out.detach())
+    )
+    candidate(ids)
+    handle.remove()
+    far = tuple(int(i) for i in torch.nonzero(seen[0].abs() > 0.1)[0])
+    with relu_kinks.flipped(candidate, [relu_kinks.Kink(linear1, far, float(seen[0][far]))]):
+        report = _compare(reference, candidate)
+    assert not report.ok and not report.relu_flips
 
 
 @pytest.mark.nnsight

@@ -11,7 +11,9 @@ seeded random token ids (or the user's):
   gradients twice: of a loss on every position, and of one on every 4th
   position only, as workingmem's loss reads the answers (the fast CPU
   training step's backward then skips the rows nothing reads:
-  wmfast.ops.tail_eager);
+  wmfast.ops.tail_eager); where gradients differ, whether ReLU inputs of the
+  reference within rounding of zero, taken on their other side, explain it
+  (``judge_at_kinks``, wmfast.relu_kinks);
 * with nnsight (``paths=True``): every module path the reference reaches, in a
   trace with grad enabled, saves the same activation on both, and zeroing it
   changes the logits the same way on both;
@@ -41,6 +43,7 @@ import torch
 import yaml
 from torch import nn
 
+from wmfast import relu_kinks
 from wmfast.build import VARIANTS, apply_variant, seed_like_workingmem
 from wmfast.checkpoint import CheckpointError, model_from_run, read_run
 from wmfast.config import ConfigError, ModelConfig
@@ -113,6 +116,9 @@ class Comparison:
     atol: float
     ok: bool
     path: str | None = None  # module path or parameter name
+    # grads: compared with the reference taken on the other side of this many
+    # ReLU kinks (ModelReport.relu_flips; wmfast.relu_kinks)
+    relu_flips: int = 0
 
 
 @dataclasses.dataclass
@@ -125,6 +131,10 @@ class ModelReport:
     comparisons: list[Comparison] = dataclasses.field(default_factory=list)
     paths_checked: int = 0
     speed: dict = dataclasses.field(default_factory=dict)
+    # the reference's ReLU inputs taken on their other side of zero where that
+    # explained a gradient gap: {"comparisons", "path", "index", "input"}
+    relu_flips: list[dict] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # for the reader, pass or fail
 
     def failures(self) -> list[Comparison]:
         return [c for c in self.comparisons if not c.ok]
@@ -316,6 +326,70 @@ def _param_grads(
         (logits.float() * weight).sum(), [p for _, p in named], allow_unused=True
     )
     return {n: g for (n, _), g in zip(named, grads, strict=True)}
+
+
+def compare_grads(
+    label: str, got: dict, want: dict, tol: tuple[float, float], relu_flips: int = 0
+) -> list[Comparison]:
+    """One "grad" comparison per parameter, named ``{label}/grad/{param}``."""
+    checks = []
+    for param, g in want.items():
+        check = compare(f"{label}/grad/{param}", "grad", got[param], g, tol, param)
+        check.relu_flips = relu_flips
+        checks.append(check)
+    return checks
+
+
+def judge_at_kinks(
+    report: ModelReport,
+    label: str,
+    reference: nn.Module,
+    reference_logits: Callable[[], torch.Tensor],
+    weight: torch.Tensor,
+    got: dict,
+    want: dict,
+    checks: list[Comparison],
+    tol: dict,
+) -> list[Comparison]:
+    """``checks`` judged again where ReLU kinks may explain them (wmfast.relu_kinks).
+
+    The reference's ReLU inputs within the activations' atol of zero (relative
+    to the layer's largest) may lie on either side in a candidate that rounds
+    differently. If flipping some of them in the reference makes every
+    gradient match, the comparisons against that flipped reference are
+    returned, and the flips are listed in ``report.relu_flips``; otherwise
+    ``checks`` unchanged, with a note that the gap is not a kink.
+    """
+    margin = tol["paths"][1]
+    kinks, total = relu_kinks.near_kinks(reference, reference_logits, margin)
+
+    def grads_with(flips):
+        with relu_kinks.flipped(reference, flips):
+            return _param_grads(reference, reference_logits(), weight)
+
+    failing = [c.path for c in checks if not c.ok and got[c.path] is not None]
+    flips = []
+    if kinks and failing:
+        flips = relu_kinks.likely_flips(grads_with, want, got, kinks, failing)
+    if flips:
+        rejudged = compare_grads(label, got, grads_with(flips), tol["grads"], len(flips))
+        if all(c.ok for c in rejudged):
+            worst = max(c.max_abs for c in checks if not c.ok)
+            report.notes.append(
+                f"{label}: gradients match the reference with {len(flips)} ReLU input(s) "
+                f"taken on the other side of zero (at most {max(abs(k.value) for k in flips):.1e} "
+                f"from it; gap before: {worst:.2e}): a kink, not a mismatch"
+            )
+            report.relu_flips += [
+                dict(comparisons=label, path=k.path, index=list(k.index), input=k.value)
+                for k in flips
+            ]
+            return rejudged
+    report.notes.append(
+        f"{label}: {total} ReLU input(s) within {margin:g} (relative) of zero; flipping "
+        f"{len(flips)} of the nearest {len(kinks)} does not explain the gradients' gap"
+    )
+    return checks
 
 
 def reached_paths(
@@ -556,22 +630,26 @@ def compare_models(
                 report.comparisons.append(
                     compare(f"{mode}/{label}/logits", "logits", got, want, tol["logits"])
                 )
-                if dtype != "fp32":  # gradients: same precision on both sides (see TOLERANCES)
+
+                def reference_logits(dropout=dropout, ids=ids):
+                    if dropout:
+                        torch.manual_seed(DROPOUT_SEED)
+                    # gradients: same precision on both sides (see TOLERANCES)
                     with _autocast(device, dtype):
-                        want = reference(ids)
+                        return reference(ids)
+
+                if dtype != "fp32":
+                    want = reference_logits()
                 want_grads = _param_grads(reference, want, weight)
                 got_grads = _param_grads(candidate, got, weight)
-            for param, g in want_grads.items():
-                report.comparisons.append(
-                    compare(
-                        f"{mode}/{label}/grad/{param}",
-                        "grad",
-                        got_grads[param],
-                        g,
-                        tol["grads"],
-                        param,
-                    )
-                )
+                checks = compare_grads(f"{mode}/{label}", got_grads, want_grads, tol["grads"])
+                if not all(c.ok for c in checks) and relu_kinks.relu_inputs(reference):
+                    progress(f"{name}: {label} {mode.replace('_', ' ')}: looking for ReLU kinks")
+                    checks = judge_at_kinks(
+                        report, f"{mode}/{label}", reference, reference_logits, weight,
+                        got_grads, want_grads, checks, tol,
+                    )  # fmt: skip
+            report.comparisons.extend(checks)
     reference.eval(), candidate.eval()
     report.ran = describe(candidate, device)
     if is_fast(candidate) and candidate._fast.last_plan is not None:

@@ -103,6 +103,8 @@ def render(report, console) -> None:
         )
     console.print(table)
     for m in report.models:
+        for note in m.notes:
+            console.print(f"[yellow]{m.name}: {note}[/]")
         if not m.ok:
             console.print(f"[red]{m.name}: first diverging module path: {m.first_divergence}[/]")
             for c in m.failures()[:8]:
