@@ -24,7 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wmfast import ModelConfig, build_model
+from wmfast import ModelConfig, backends, build_model
 from wmfast.fast import make_fast
 from wmfast.tasks.sir import SIRConfig, SIRDataset
 from wmfast.training import masked_loss, prepare_batch
@@ -45,6 +45,7 @@ IMPLS = [
     "fast",
     "fast_cudagraphs",
     "fast_torch_norm",
+    "fast_single_norms",
 ]
 
 # name: (batch, trials (x4 tokens), model fields)
@@ -97,7 +98,7 @@ def build_impl(model: str, impl: str, fields: dict, device):
         return reference
     if impl == "torch_compile":
         return torch.compile(reference)  # the peer a user would try first: default settings
-    if impl == "fast":
+    if impl in ("fast", "fast_single_norms"):  # the latter: see bench_model
         return make_fast(reference)
     if impl == "fast_torch_norm":
         # the norm rule's alternative in compiled CUDA training: Inductor's fused
@@ -156,11 +157,16 @@ def timed_call(net, direction: str, batch, dtype: str):
 
 
 @pytest.mark.parametrize("direction, shape, dtype, model, impl", _cases())
-def bench_model(benchmark, device, smoke, direction, shape, dtype, model, impl):
+def bench_model(benchmark, device, smoke, monkeypatch, direction, shape, dtype, model, impl):
     if impl == "fast_cudagraphs" and device.type != "cuda":
         pytest.skip("CUDA graphs need CUDA")
-    if impl == "fast_torch_norm" and (device.type != "cuda" or model in ("rnn", "lstm")):
-        pytest.skip("the norm rule's alternative: transformers on CUDA (CPU takes it anyway)")
+    if impl in ("fast_torch_norm", "fast_single_norms") and (
+        device.type != "cuda" or model in ("rnn", "lstm")
+    ):
+        pytest.skip("the norm rule's alternatives: transformers on CUDA (CPU takes torch's)")
+    if impl == "fast_single_norms":
+        # two single add & norm passes per d_mlp 0 layer instead of the fused one
+        monkeypatch.setattr(backends, "FUSED_NORMS_AT_D_MLP_0", False)
     shape = "tiny" if smoke and device.type == "cpu" else shape
     batch_size, trials, fields = SHAPES[shape]
     benchmark.group = f"model/{direction}/{shape}/{dtype}/{model}"

@@ -12,7 +12,8 @@
 #   rotary        the rotary kernel benchmarks                 (<= 200 s)
 #   rotary:EXPR   the rotary benchmarks that pytest -k EXPR selects
 #   norm          the dropout + add + LayerNorm benchmarks: wmfast's Triton
-#                 kernels against Inductor's and eager            (<= 120 s)
+#                 kernels against Inductor's and eager, one add & norm and
+#                 both of a d_mlp 0 layer (bias_ffn_norms)        (<= 270 s)
 #   profile       torch.profiler's kernel table of the SIR bf16 training step,
 #                 torch.compile(reference) beside fast and fast_torch_norm
 #                                                              (<= 200 s)
@@ -22,8 +23,9 @@
 #                 loss scale                                     (<= 150 s)
 #   fp64          tools/fp64_grad_errors.py: fast's and the fp32 reference's
 #                 distance from fp64 at wmfast check's size      (<= 200 s)
-#   tune          tools/rotary_tune.py and tools/layer_norm_tune.py: the
-#                 kernels' launch settings swept               (<= 300 s)
+#   tune          tools/rotary_tune.py, tools/layer_norm_tune.py and
+#                 tools/bias_ffn_norms_tune.py: the kernels' launch
+#                 settings swept                               (<= 420 s)
 #   check         wmfast check on CUDA, fp32 and bf16: the JSON reports
 #   check:DTYPE   the same in one dtype
 #                                                              (<= 300 s)
@@ -40,12 +42,16 @@
 # probe, wmfast check fp32 and bf16, fp64 distances, the bf16 training steps
 # and forwards at both shapes, rotary, add & norm, determinism, overhead).
 # Next:
-#   1. tests:"check_size or rotary_models or registered"   (the Triton
-#      embedding rotation with gradients at the check's size, compiled and
-#      not; the kernels at the check's size inside guard buffers)
-#   2. tests   (the whole suite on CUDA, after the rule changes)
-#   3. compile "models:fp32"   (not yet run on a GPU)
-#   4. "models:small and (rnn or lstm)"   (RNN/LSTM at the small shape)
+#   1. tests   (the whole suite on CUDA, after the rule changes and the
+#      fused d_mlp 0 norms: bias_ffn_norms' kernels have only run under the
+#      interpreter and through ptxas)
+#   2. norm "models:sir and bf16 and train_step and transformer and (fast or
+#      torch_compile)"   (bias_ffn_norms against two single passes, then the
+#      SIR steps with fast, fast_single_norms and fast_torch_norm: does the
+#      fused op pay, and does rotary_qk reach 1.2x torch.compile)
+#   3. tune   (bias_ffn_norms' launch settings are ptxas-informed guesses)
+#   4. compile "models:fp32"   (not yet run on a GPU)
+#   5. "models:small and (rnn or lstm)"   (RNN/LSTM at the small shape)
 # A session has 30 minutes of device time; a fresh machine takes ~30 s to
 # start and stays warm 30 s after a call, so a call made at once after the
 # last one skips both the start and the setup. Set WMFAST_CALL_LIMIT (seconds)
@@ -123,6 +129,8 @@ for stage in "$@"; do
     norm)
       run_pytest 120 bench/bench_layer_norm.py --benchmark-only \
         --benchmark-json="$OUT/bench_layer_norm.json" 2>&1 | tail -5
+      run_pytest 150 bench/bench_bias_ffn_norms.py --benchmark-only \
+        --benchmark-json="$OUT/bench_bias_ffn_norms.json" 2>&1 | tail -5
       ;;
     tools)
       timeout "$(budget 30)" python3 tools/fused_path_diff.py >"$OUT/tools.txt" 2>&1
@@ -140,6 +148,7 @@ for stage in "$@"; do
       {
         timeout "$(budget 120)" python3 tools/rotary_tune.py
         timeout "$(budget 180)" python3 tools/layer_norm_tune.py
+        timeout "$(budget 120)" python3 tools/bias_ffn_norms_tune.py
       } >"$OUT/tune.txt" 2>&1
       tail -20 "$OUT/tune.txt"
       ;;

@@ -66,6 +66,16 @@ def _row_stats(s, col_ok, n_cols, eps):
 
 
 @triton.jit
+def _norm_input_grad(g, w, x_hat, rstd, n_cols):
+    """The gradient of layer_norm's input for the output gradient g (fp32 tiles;
+    x_hat and g are 0 in masked columns, so they drop out of the means)."""
+    g_w = g * w[None, :]
+    mean_gw = tl.sum(g_w, axis=1) / n_cols
+    mean_gw_xhat = tl.sum(g_w * x_hat, axis=1) / n_cols
+    return (g_w - mean_gw[:, None] - x_hat * mean_gw_xhat[:, None]) * rstd[:, None]
+
+
+@triton.jit
 def _dropout_add_layer_norm_fwd_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, seed_ptr,
     out_ptr, low_ptr, sum_ptr, keep_ptr,
@@ -139,10 +149,7 @@ def _dropout_add_layer_norm_bwd_kernel(
         d_w += tl.sum(g * x_hat, axis=0)
         d_b += tl.sum(g, axis=0)
 
-        g_w = g * w[None, :]
-        mean_gw = tl.sum(g_w, axis=1) / n_cols
-        mean_gw_xhat = tl.sum(g_w * x_hat, axis=1) / n_cols
-        d_s = (g_w - mean_gw[:, None] - x_hat * mean_gw_xhat[:, None]) * rstd[:, None]
+        d_s = _norm_input_grad(g, w, x_hat, rstd, n_cols)
         d_s = d_s.to(sum_ptr.dtype.element_ty)  # s's gradient in s's dtype
         tl.store(d_x_ptr + rows[:, None] * d_x_sr + cols[None, :], d_s, mask=ok)
         d_y = d_s.to(d_y_ptr.dtype.element_ty)  # the add hands y's side its dtype

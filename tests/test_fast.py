@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
-from wmfast import build_model
+from wmfast import backends, build_model
 from wmfast import fast as wf
 from wmfast.check import cudnn_off_for_eval_rnn_backward
 from wmfast.fast import FastOptions, describe, make_fast, make_reference
@@ -35,6 +35,7 @@ from .helpers import (
     FP32_GRADS,
     FP32_LOGITS,
     POSITIONAL_TYPES,
+    RecordOps,
     assert_as_close_to_fp64_as_the_reference,
     kernel_device,
     random_ids,
@@ -246,6 +247,30 @@ def test_compiled_fast_with_triton_norm_equals_reference(seed):
     )
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "d_mlp, fused, ops",
+    [
+        (0, True, {"bias_ffn_norms"}),
+        (0, False, {"dropout_add_layer_norm"}),
+        (7, True, {"dropout_add_layer_norm"}),
+    ],
+)
+def test_triton_norm_takes_both_norms_of_a_d_mlp_0_layer_in_one_op(monkeypatch, d_mlp, fused, ops):
+    """At d_mlp 0 the layer's two add & norms run as one op (the feed-forward
+    block is its bias: wmfast.ops.bias_ffn_norms), forward and backward,
+    unless backends.FUSED_NORMS_AT_D_MLP_0 is off (the benchmark's A/B)."""
+    monkeypatch.setattr(backends, "FUSED_NORMS_AT_D_MLP_0", fused)
+    config = small_config(positional_embedding_type="standard", d_model=16, n_heads=2, d_mlp=d_mlp)
+    _, fast = reference_and_fast(config, kernel_device(), norm="triton", compile="never")
+    ids = random_ids(5, config.d_vocab, 2, 6).to(kernel_device())
+    with RecordOps() as seen:
+        fast(ids).sum().backward()
+    names = {n.removesuffix(".default").removesuffix("_traceable") for n in seen.names}
+    norm_ops = {n.split(".")[1] for n in names if n.startswith("wmfast.")} - {"embedding_rotation"}
+    assert norm_ops == ops | {f"{op}_backward" for op in ops}
+
+
 TRITON_NORM_CONFIG = small_config(
     positional_embedding_type="rotary_qk", d_model=16, n_heads=2, d_mlp=0
 )
@@ -258,8 +283,8 @@ def _triton_norm_compiled_pair(device):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("pe", ["rotary_qk", "standard"])
-def test_triton_norm_under_bf16_autocast_trains_like_the_reference(pe):
+@pytest.mark.parametrize("pe, d_mlp", [("rotary_qk", 48), ("standard", 48), ("None", 0)])
+def test_triton_norm_under_bf16_autocast_trains_like_the_reference(pe, d_mlp):
     """Under autocast the kernel also writes the bf16 copy the next products take.
     Logits and gradients stay as close to the reference's as bf16 allows: on
     CUDA within 2% (relative norm); under the interpreter, which truncates
@@ -269,7 +294,8 @@ def test_triton_norm_under_bf16_autocast_trains_like_the_reference(pe):
     from wmfast.kernels._triton import INTERPRETED
 
     device = kernel_device()
-    config = small_config(positional_embedding_type=pe, d_model=16, n_heads=2)
+    pe = None if pe == "None" else pe
+    config = small_config(positional_embedding_type=pe, d_model=16, n_heads=2, d_mlp=d_mlp)
     reference, fast = reference_and_fast(config, device, norm="triton", compile="never")
     ids = random_ids(4, config.d_vocab, 2, 6).to(device)
     weight = torch.randn(2, 6, config.d_vocab, generator=torch.Generator().manual_seed(1))
@@ -772,8 +798,6 @@ def test_bad_fast_options_are_clear_errors(field, value):
 
 
 def test_missing_triton_or_flash_attn_is_a_clear_error_not_a_fallback(monkeypatch):
-    from wmfast import backends
-
     monkeypatch.setattr(backends, "triton_installed", lambda: False)
     monkeypatch.setattr(backends, "flash_attn_installed", lambda: False)
     fast = build_model(
@@ -809,8 +833,6 @@ def test_flash_attn_adapter_glue_matches_sdpa(monkeypatch):
     built on SDPA: (B, T, H, D) in and out, causal, dropout passed through."""
     import sys
     import types
-
-    from wmfast import backends
 
     calls = []
 

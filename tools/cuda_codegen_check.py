@@ -65,6 +65,8 @@ CASES = [
     ("rotary_qk", "none", "bf16", "default", 512, 4, 0, "triton"),
     ("standard", "true", "fp32", "reduce-overhead", 64, 2, 128, "triton"),
 ]
+# name prefixes of wmfast's kernels (the rest are Inductor's)
+OUR_KERNELS = ("_rotary", "_embedding", "_dropout", "_bias_ffn")
 SEQ_LENS = (16, 17, 33, 1)  # 16: Triton's divisible-by-16 case; 1: its own graph
 H100 = types.SimpleNamespace(
     name="NVIDIA H100 (pretend)",
@@ -204,9 +206,7 @@ def run_case(positional, dynamic, dtype, mode, d_model, n_heads, d_mlp, norm) ->
                 ok = False
             except torch.AcceleratorError:  # the compiled code's first device call: expected
                 new = compiled_kernels[before:]
-                ours = sorted(
-                    {k for k in new if k.startswith(("_rotary", "_embedding", "_dropout"))}
-                )
+                ours = sorted({k for k in new if k.startswith(OUR_KERNELS)})
                 result = f"compiled ({len(new)} new Triton kernels, ours: {ours}); stopped at run"
             except Exception as e:
                 result = f"FAILED: {type(e).__name__}: {str(e)[:2000]}"

@@ -33,6 +33,8 @@ norm           "triton" (wmfast.ops.layer_norm: layer_norm(x + dropout(y))
                called eagerly lost to PyTorch's eager composition (host
                work, measured while eager calls still went through
                torch.library): so not for no-grad or uncompiled calls.
+               At d_mlp 0 "triton" takes both add & norms of a layer
+               in one pass (FUSED_NORMS_AT_D_MLP_0 below).
 =============  ===========================================================
 
 Where nothing is compiled (the CPU training step), the forward takes
@@ -80,6 +82,15 @@ def flash_attn_installed() -> bool:
 # then move linear1's weight gradient by 0.1123: the gap the H100 showed
 # (bench/results/README.md, "h100-3"). An explicit rotary="triton" is kept.
 COMPILED_TRAINING_EMBEDDING_ROTATION = "torch"
+
+# At d_mlp 0 (workingmem's default) a layer's feed-forward block is linear2's
+# bias, so norm="triton" runs its two add & norms as one op
+# (wmfast.ops.bias_ffn_norms): at the SIR shape in bf16 it moves 18 bytes per
+# element each way where two single passes move 30 forward and 34 backward,
+# and the two single passes took 4.6 of the 20 ms step's kernel time (H100,
+# bench/results "h100-3" profile). Not yet timed on a GPU: the model
+# benchmark's "fast_single_norms" runs the same model with this off.
+FUSED_NORMS_AT_D_MLP_0 = True
 
 
 def resolve_rotary(

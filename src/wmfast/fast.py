@@ -187,13 +187,14 @@ def _rotary_functions(impl: str) -> dict[str, Callable]:
     return dict(rotated_qkv=rotary_eager.rotated_qkv, embed_rotary=_torch_embedding_rotation)
 
 
-def _add_norm_function(impl: str) -> Callable:
-    """transformer_forward's add_norm argument for ``impl``."""
+def _add_norm_functions(impl: str) -> dict[str, Callable | None]:
+    """transformer_forward's add & norm arguments for ``impl``."""
     if impl == "triton":
-        from wmfast.ops import layer_norm  # imports triton: only when picked
+        from wmfast.ops import bias_ffn_norms, layer_norm  # import triton: only when picked
 
-        return layer_norm.dropout_add_layer_norm
-    return torch_add_norm
+        fused = bias_ffn_norms.bias_ffn_norms if backends.FUSED_NORMS_AT_D_MLP_0 else None
+        return dict(add_norm=layer_norm.dropout_add_layer_norm, add_norms_around_bias=fused)
+    return dict(add_norm=torch_add_norm, add_norms_around_bias=None)
 
 
 def _compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
@@ -264,7 +265,7 @@ class FastRunner:
         kwargs = dict(
             **_rotary_functions(plan.rotary),
             attend=CAUSAL_ATTENTION[plan.attention],
-            add_norm=_add_norm_function(plan.norm),
+            **_add_norm_functions(plan.norm),
             # the tail calls SDPA's CPU kernels itself
             tail=tail_eager.transformer_tail if plan.attention == "sdpa" else None,
         )

@@ -68,14 +68,20 @@ def _register_use(ptx: str) -> str:
     import re
     import tempfile
 
-    ptxas = Path(importlib.util.find_spec("triton").origin).parent / "backends/nvidia/bin/ptxas"
+    bin_dir = Path(importlib.util.find_spec("triton").origin).parent / "backends/nvidia/bin"
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "kernel.ptx"
         source.write_text(ptx)
-        done = subprocess.run(
-            [str(ptxas), "-v", "--gpu-name", "sm_90a", str(source), "-o", str(Path(tmp) / "k.o")],
-            capture_output=True, text=True,
-        )  # fmt: skip
+        # triton 3.9 writes PTX 9.4, which only its second, newer ptxas reads
+        for ptxas in (bin_dir / "ptxas", bin_dir / "ptxas-blackwell"):
+            if not ptxas.exists():
+                continue
+            done = subprocess.run(
+                [str(ptxas), "-v", "--gpu-name", "sm_90a", str(source), "-o", f"{tmp}/k.o"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if done.returncode == 0:
+                break
     regs = re.search(r"Used (\d+) registers", done.stderr)
     spills = re.search(r"(\d+) bytes spill stores", done.stderr)
     return f"{regs[1] if regs else '?'} registers, {spills[1] if spills else '?'} bytes spilled"

@@ -136,6 +136,7 @@ EmbedRotary = Callable[..., torch.Tensor]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 Tail = Callable[..., torch.Tensor | None]
 AddNorm = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+AddNormsAroundBias = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _torch_embedding_rotation(emb, cos, sin, scale):
@@ -172,15 +173,21 @@ def bias_only_ffn(x, linear1_weight, linear1_bias, linear2_weight, linear2_bias)
     which torch.compile folds into its add & norm kernel; the values are the
     same bit for bit, in the dtype the linear gives (autocast's, when on).
     """
+    bias = bias_only_ffn_row(linear1_weight, linear1_bias, linear2_weight, linear2_bias)
+    return bias.expand(*x.shape[:-1], bias.shape[0])
+
+
+def bias_only_ffn_row(linear1_weight, linear1_bias, linear2_weight, linear2_bias):
+    """The (d,) row that bias_only_ffn broadcasts over the positions."""
     # the empty weights still get their (empty) gradients, as on the
     # reference, through a zero subtracted from the bias: b - 0.0 == b bit for
     # bit, -0.0 included, and its backward sums only the d_model bias entries
     zero = linear1_weight.sum() + linear1_bias.sum() + linear2_weight.sum()
     bias = linear2_bias - zero
-    device = x.device.type
+    device = bias.device.type
     if torch.is_autocast_enabled(device):
         bias = bias.to(torch.get_autocast_dtype(device))
-    return bias.expand(*x.shape[:-1], bias.shape[0])
+    return bias
 
 
 def transformer_forward(
@@ -195,6 +202,7 @@ def transformer_forward(
     rotated_qkv: RotatedQKV | None = None,
     tail: Tail | None = None,
     add_norm: AddNorm = torch_add_norm,
+    add_norms_around_bias: AddNormsAroundBias | None = None,
 ) -> torch.Tensor:
     """logits (B, T, d_vocab) for input_ids (B, T); see TransformerModel.forward.
 
@@ -221,6 +229,10 @@ def transformer_forward(
     the residual stream and for the next matrix products, in
     ``low_dtype`` (autocast's dtype, or None) where it writes that copy itself
     (wmfast.ops.layer_norm); see ``torch_add_norm``.
+    ``add_norms_around_bias(x, y, norm1_weight, norm1_bias, ffn_bias,
+    norm2_weight, norm2_bias, eps, p, training, low_dtype)``, if given, computes
+    both add & norms of a layer at d_mlp 0 at once, around the bias-only
+    feed-forward block (wmfast.ops.bias_ffn_norms); not with ``record``.
     """
     from wmfast.attention_backends import sdpa_causal
 
@@ -292,11 +304,17 @@ def transformer_forward(
         if mha_layout:
             sa, drop1 = _dropout_in_time_major_order(sa, p), False
         bias_only = w.linear1_weight.shape[0] == 0 and record is None  # d_mlp 0
+        mlp = (w.linear1_weight, w.linear1_bias, w.linear2_weight, w.linear2_bias)
+        if bias_only and add_norms_around_bias is not None and not mha_layout:
+            # the whole rest of the layer in one pass (nothing to record)
+            norms = (w.norm1_weight, w.norm1_bias, bias_only_ffn_row(*mlp))
+            norms += (w.norm2_weight, w.norm2_bias, statics.eps, p, train, low)
+            x, x_in = add_norms_around_bias(x, sa, *norms)
+            continue
         # (at d_mlp 0 no product reads norm1's output: no low copy to write)
         low1 = None if bias_only else low
         x, x_in = add_norm(x, sa, w.norm1_weight, w.norm1_bias, statics.eps, p, drop1, low1)
         note(f"{path}.norm1", x)
-        mlp = (w.linear1_weight, w.linear1_bias, w.linear2_weight, w.linear2_bias)
         if bias_only:
             ff = bias_only_ffn(x, *mlp)
         elif fuse_mlp:
