@@ -52,19 +52,11 @@ def _first_norm(s1, w1, b1, col_ok, n_cols, eps, X1_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _dropped_bias(c, keep_ptr, rows, cols, ok, keep_sr, p, scale, seed, n_cols,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DROPOUT: tl.constexpr, DRAW: tl.constexpr):  # fmt: skip
-    """dropout(c) over a (BLOCK_M, BLOCK_N) tile, in c's dtype: the mask drawn
-    (DRAW, the forward, which stores it) or read back (the backward)."""
+def _bias_tile(c, keep, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
+    """dropout(c) over a (BLOCK_M, BLOCK_N) tile with the mask ``keep``, in
+    c's dtype (F.dropout's value, rounded as it returns it)."""
     tile = tl.broadcast_to(c[None, :], (BLOCK_M, BLOCK_N))
     if DROPOUT:
-        if DRAW:
-            keep = _keep_mask(seed, rows, n_cols, p, BLOCK_M, BLOCK_N)
-            tl.store(keep_ptr + rows[:, None] * keep_sr + cols[None, :], keep, mask=ok)
-        else:
-            keep = tl.load(keep_ptr + rows[:, None] * keep_sr + cols[None, :], mask=ok, other=0)
-            keep = keep != 0
         tile = tl.where(keep, tile.to(tl.float32) * scale, 0.0).to(c.dtype)
     return tile
 
@@ -100,13 +92,11 @@ def _bias_ffn_norms_fwd_kernel(
 
     # norm2 of x1 + dropout(c)
     c = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
-    seed2 = 0
-    if DROPOUT:
-        seed2 = tl.load(seed_ptr + 1)
-    c_tile = _dropped_bias(
-        c, keep2_ptr, rows, cols, ok, keep_sr, p, scale, seed2, n_cols,
-        BLOCK_M, BLOCK_N, DROPOUT, True,
-    )  # fmt: skip
+    keep2 = None
+    if DROPOUT:  # the second mask, from the second seed
+        keep2 = _keep_mask(tl.load(seed_ptr + 1), rows, n_cols, p, BLOCK_M, BLOCK_N)
+        tl.store(keep2_ptr + rows[:, None] * keep_sr + cols[None, :], keep2, mask=ok)
+    c_tile = _bias_tile(c, keep2, scale, BLOCK_M, BLOCK_N, DROPOUT)
     s2 = (x1 + c_tile.to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
     centered, rstd = _row_stats(s2, col_ok, n_cols, eps)
     w2 = tl.load(w2_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -153,10 +143,11 @@ def _bias_ffn_norms_bwd_kernel(
         x1, x_hat1, rstd1 = _first_norm(
             s1.to(tl.float32), w1, b1, col_ok, n_cols, eps, sum_ptr.dtype.element_ty
         )
-        c_tile = _dropped_bias(
-            c, keep2_ptr, rows, cols, ok, keep_sr, 0.0, scale, 0, n_cols,
-            BLOCK_M, BLOCK_N, DROPOUT, False,
-        )  # fmt: skip
+        keep2 = None
+        if DROPOUT:
+            keep2 = tl.load(keep2_ptr + rows[:, None] * keep_sr + cols[None, :], mask=ok, other=0)
+            keep2 = keep2 != 0
+        c_tile = _bias_tile(c, keep2, scale, BLOCK_M, BLOCK_N, DROPOUT)
         s2 = (x1 + c_tile.to(tl.float32)).to(sum_ptr.dtype.element_ty).to(tl.float32)
         centered2, rstd2 = _row_stats(s2, col_ok, n_cols, eps)
         x_hat2 = centered2 * rstd2[:, None]
@@ -178,8 +169,7 @@ def _bias_ffn_norms_bwd_kernel(
         # c's side of the add: in c's dtype, through the mask; summed over the positions
         d_c_tile = d_s2.to(c.dtype)
         if DROPOUT:
-            keep2 = tl.load(keep2_ptr + rows[:, None] * keep_sr + cols[None, :], mask=ok, other=0)
-            d_c_tile = tl.where(keep2 != 0, d_c_tile.to(tl.float32) * scale, 0.0).to(c.dtype)
+            d_c_tile = tl.where(keep2, d_c_tile.to(tl.float32) * scale, 0.0).to(c.dtype)
         d_c += tl.sum(d_c_tile.to(tl.float32), axis=0)
 
         # norm1's backward, from x1's gradient (d_s2: x1 is the sum's other side)

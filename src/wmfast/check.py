@@ -385,10 +385,16 @@ def judge_at_kinks(
                 for k in flips
             ]
             return rejudged
-    report.notes.append(
-        f"{label}: {total} ReLU input(s) within {margin:g} (relative) of zero; flipping "
-        f"{len(flips)} of the nearest {len(kinks)} does not explain the gradients' gap"
-    )
+    if not kinks:
+        report.notes.append(
+            f"{label}: no ReLU input within {margin:g} (relative) of zero: the gradients' "
+            "gap is not a kink"
+        )
+    else:
+        report.notes.append(
+            f"{label}: {total} ReLU input(s) within {margin:g} (relative) of zero; flipping "
+            f"{len(flips)} of the nearest {len(kinks)} does not explain the gradients' gap"
+        )
     return checks
 
 
