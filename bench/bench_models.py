@@ -46,6 +46,7 @@ IMPLS = [
     "fast_cudagraphs",
     "fast_torch_norm",
     "fast_single_norms",
+    "fast_unpacked_rotary",
 ]
 
 # name: (batch, trials (x4 tokens), model fields)
@@ -98,7 +99,7 @@ def build_impl(model: str, impl: str, fields: dict, device):
         return reference
     if impl == "torch_compile":
         return torch.compile(reference)  # the peer a user would try first: default settings
-    if impl in ("fast", "fast_single_norms"):  # the latter: see bench_model
+    if impl in ("fast", "fast_single_norms", "fast_unpacked_rotary"):  # see bench_model
         return make_fast(reference)
     if impl == "fast_torch_norm":
         # the norm rule's alternative in compiled CUDA training: Inductor's fused
@@ -164,9 +165,16 @@ def bench_model(benchmark, device, smoke, monkeypatch, direction, shape, dtype, 
         device.type != "cuda" or model in ("rnn", "lstm")
     ):
         pytest.skip("the norm rule's alternatives: transformers on CUDA (CPU takes torch's)")
+    if impl == "fast_unpacked_rotary" and (
+        device.type != "cuda" or model != "transformer/rotary_qk"
+    ):
+        pytest.skip("the packed rotary gradient's alternative: rotary_qk on CUDA")
     if impl == "fast_single_norms":
         # two single add & norm passes per d_mlp 0 layer instead of the fused one
         monkeypatch.setattr(backends, "FUSED_NORMS_AT_D_MLP_0", False)
+    if impl == "fast_unpacked_rotary":
+        # rotary_qk's gradients stacked by autograd instead of written packed
+        monkeypatch.setattr(backends, "PACKED_ROTARY_QK_GRADIENT", False)
     shape = "tiny" if smoke and device.type == "cpu" else shape
     batch_size, trials, fields = SHAPES[shape]
     benchmark.group = f"model/{direction}/{shape}/{dtype}/{model}"

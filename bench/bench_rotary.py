@@ -152,6 +152,67 @@ def bench_rotary_qk(benchmark, device, ops, compiled_rotary_qk, shape, dtype, im
         )
 
 
+PACKED_IMPLS = ["torch_compile", "wmfast_triton", "wmfast_triton_packed"]
+
+
+@pytest.fixture(scope="module")
+def compiled_split_and_rotate():
+    return torch.compile(_split_and_rotate, dynamic=False)
+
+
+def _split_and_rotate(qkv, cos, sin):
+    """What attention takes from the packed projection: q and k rotated, v."""
+    q, k, v = qkv.unbind(2)
+    return (*WF.rotary_qk(q, k, cos, sin), v)
+
+
+@pytest.mark.parametrize("impl", PACKED_IMPLS)
+@pytest.mark.parametrize("shape, dtype", _cases(QK_CASES_CUDA, QK_CASES_CPU))
+def bench_rotary_qk_packed(benchmark, device, ops, compiled_split_and_rotate, shape, dtype, impl):
+    """Forward and backward from the packed projection (B, T, 3, H, D) as the
+    model runs it: its gradient is one packed tensor. rotary_qk's backward
+    writes q's and k's gradients and autograd stacks them with v's;
+    rotary_qkv_packed's writes the packed gradient itself; Inductor fuses
+    the rotation back into its stack."""
+    batch, seq_len, heads, head_dim = {**QK_SHAPES_CUDA, **QK_SHAPES_CPU}[shape]
+    benchmark.group = f"rotary_qk_packed/fwdbwd/{shape}/{str(dtype).split('.')[-1]}"
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(device, dtype)
+    qkv.requires_grad_()
+    cos, sin = WF.rotary_tables(seq_len, WF.rotary_inv_freq(head_dim).to(device))
+    cos, sin = cos[None], sin[None]
+    grads = [torch.randn(batch, seq_len, heads, head_dim, generator=gen).to(device, dtype)]
+    grads += [grads[0].flip(0), grads[0].flip(1)]
+
+    split = {
+        "torch_compile": compiled_split_and_rotate,
+        "wmfast_triton": lambda qkv, cos, sin: (
+            *ops.rotary_qk(qkv[:, :, 0], qkv[:, :, 1], cos, sin),
+            qkv[:, :, 2],
+        ),
+        "wmfast_triton_packed": ops.rotary_qkv_packed,
+    }[impl]
+
+    def fn():
+        torch.autograd.backward(split(qkv, cos, sin), grads)
+        qkv.grad = None
+
+    numel = batch * seq_len * heads * head_dim
+    # forward: read q, k; write them rotated. backward: read 3 gradients, write the packed one
+    moved = (4 + 6) * numel * qkv.element_size()
+    time_it(
+        benchmark,
+        fn,
+        device,
+        calls=_calls(device, numel),
+        bytes_per_call=moved,
+        shape=[batch, seq_len, heads, head_dim],
+        dtype=str(dtype),
+        impl=impl,
+        direction="fwdbwd",
+    )
+
+
 def _liger_rotary_qk(qkv, cos, sin, g_q, g_k, direction):
     """liger's RoPE on its preferred layout: q, k as (B, H, T, D) views of
     contiguous (B, T, H, D) storage and duplicated (1, T, D) tables, in place.

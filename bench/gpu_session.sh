@@ -45,10 +45,12 @@
 #   1. tests   (the whole suite on CUDA, after the rule changes and the
 #      fused d_mlp 0 norms: bias_ffn_norms' kernels have only run under the
 #      interpreter and through ptxas)
-#   2. norm "models:sir and bf16 and train_step and transformer and (fast or
-#      torch_compile)"   (bias_ffn_norms against two single passes, then the
-#      SIR steps with fast, fast_single_norms and fast_torch_norm: does the
-#      fused op pay, and does rotary_qk reach 1.2x torch.compile)
+#   2. norm "rotary:packed" "models:sir and bf16 and train_step and
+#      transformer and (fast or torch_compile)"   (bias_ffn_norms against two
+#      single passes, rotary_qkv_packed against rotary_qk + autograd's stack,
+#      then the SIR steps with fast, fast_single_norms, fast_unpacked_rotary
+#      and fast_torch_norm: do the two pay, does rotary_qk reach 1.2x
+#      torch.compile)
 #   3. tune   (bias_ffn_norms' launch settings are ptxas-informed guesses)
 #   4. compile "models:fp32"   (not yet run on a GPU)
 #   5. "models:small and (rnn or lstm)"   (RNN/LSTM at the small shape)

@@ -11,6 +11,10 @@ angle, which is the backward of a rotation.
   its cos/sin row once for all heads of both q and k. q and k are read through
   strides (views into the packed (B, T, 3, H, D) projection need no copy) and
   written to any output, which may be the input itself (in place).
+* ``_rotary_qk_packed_grad_kernel``: rotary_qk's backward for q and k that
+  came from one packed (B, T, 3, H, D) projection: writes the projection's
+  gradient whole (q's and k's rotated back, v's copied), so autograd need
+  not stack three gradients afterwards.
 * ``_embedding_rotation_kernel``: workingmem's "rotary", fused with the
   sqrt(d_model) scale and the residual add:
   ``s = x * scale; out = s + s*cos + rotate_half(s)*sin`` (``ADD_INPUT``), or
@@ -97,6 +101,49 @@ def _rotary_qk_kernel(
     src = k_ptr + b * k_sb + t * k_st + h[:, None] * k_sh + j[None, :] * k_sd
     dst = ko_ptr + b * ko_sb + t * ko_st + h[:, None] * ko_sh + j[None, :] * ko_sd
     _rotate_pairs(src, dst, HALF * k_sd, HALF * ko_sd, cos, sin, mask)
+
+
+@triton.jit(do_not_specialize=["seq_len"])
+def _rotary_qk_packed_grad_kernel(
+    dq_ptr, dk_ptr, dv_ptr, out_ptr, cos_ptr, sin_ptr,
+    seq_len, n_heads,
+    dq_sb, dq_st, dq_sh, dq_sd,
+    dk_sb, dk_st, dk_sh, dk_sd,
+    dv_sb, dv_st, dv_sh, dv_sd,
+    o_sb, o_st, o_s3, o_sh, o_sd,
+    c_sb, c_st, c_sd,
+    s_sb, s_st, s_sd,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """The packed projection's gradient (B, T, 3, H, D) from the gradients of
+    the rotated q and k and of v: q's and k's rotated back (the negative
+    angle), v's copied. One pass, where autograd would rotate into new
+    tensors and then stack the three; ``out`` is written through its own
+    strides, never through views (a view as a kernel output makes
+    torch.compile clone it first)."""
+    b, t = _row_position(seq_len)
+    j = tl.arange(0, BLOCK_HALF)
+    j_ok = j < HALF
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (h < n_heads)[:, None] & j_ok[None, :]
+
+    cos, sin = _load_angles(
+        cos_ptr + b * c_sb + t * c_st, sin_ptr + b * s_sb + t * s_st, j, c_sd, s_sd, j_ok, True
+    )
+    cos = cos[None, :]
+    sin = sin[None, :]
+
+    row = out_ptr + b * o_sb + t * o_st + h[:, None] * o_sh + j[None, :] * o_sd
+    src = dq_ptr + b * dq_sb + t * dq_st + h[:, None] * dq_sh + j[None, :] * dq_sd
+    _rotate_pairs(src, row, HALF * dq_sd, HALF * o_sd, cos, sin, mask)
+    src = dk_ptr + b * dk_sb + t * dk_st + h[:, None] * dk_sh + j[None, :] * dk_sd
+    _rotate_pairs(src, row + o_s3, HALF * dk_sd, HALF * o_sd, cos, sin, mask)
+    src = dv_ptr + b * dv_sb + t * dv_st + h[:, None] * dv_sh + j[None, :] * dv_sd
+    dst = row + 2 * o_s3
+    tl.store(dst, tl.load(src, mask=mask).to(dst.dtype.element_ty), mask=mask)
+    dst += HALF * o_sd
+    src += HALF * dv_sd
+    tl.store(dst, tl.load(src, mask=mask).to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seq_len"])
@@ -213,6 +260,44 @@ def rotary_qk_launch(
         *_table_strides("cos", cos, batch, seq_len, half),
         *_table_strides("sin", sin, batch, seq_len, half),
         HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h, CONJ=conj,
+        num_warps=num_warps,
+    )  # fmt: skip
+
+
+def rotary_qk_packed_grad_launch(
+    d_q: torch.Tensor,
+    d_k: torch.Tensor,
+    d_v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    out: torch.Tensor,
+    wrap: Callable = _identity,
+) -> None:
+    """out (B, T, 3, H, D) = (d_q and d_k rotated by the negative angle, d_v):
+    the packed projection's gradient when q and k were rotated (B, T, H, D each)."""
+    check_rotary_qk(d_q, d_k, cos, sin)
+    batch, seq_len, heads, head_dim = d_q.shape
+    if d_v.shape != d_q.shape or d_v.dtype != d_q.dtype:
+        raise ValueError(
+            f"d_v must be like d_q {tuple(d_q.shape)} {d_q.dtype}; got {tuple(d_v.shape)} {d_v.dtype}"
+        )
+    if out.shape != (batch, seq_len, 3, heads, head_dim):
+        raise ValueError(
+            f"out must be ({batch}, {seq_len}, 3, {heads}, {head_dim}); got {tuple(out.shape)}"
+        )
+    check_device(d_q, d_v, out)
+    half = head_dim // 2
+    if d_q.numel() == 0:
+        return
+    block_half, block_h, num_warps = rotary_qk_blocks(half, heads)
+    grid = (batch * seq_len, triton.cdiv(heads, block_h))
+    wrap(_rotary_qk_packed_grad_kernel)[grid](
+        d_q, d_k, d_v, out, cos, sin,
+        seq_len, heads,
+        *d_q.stride(), *d_k.stride(), *d_v.stride(), *out.stride(),
+        *_table_strides("cos", cos, batch, seq_len, half),
+        *_table_strides("sin", sin, batch, seq_len, half),
+        HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h,
         num_warps=num_warps,
     )  # fmt: skip
 

@@ -209,6 +209,29 @@ def test_no_grad_fast_path_rotates_q_and_k_in_place_and_autograd_out_of_place(mo
     assert not calls  # with grad: new tensors, autograd through the rotation
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("packed", [True, False])
+def test_triton_rotary_qk_training_writes_the_packed_gradient(monkeypatch, packed):
+    """With grad, q and k come from rotary_qkv_packed (its backward writes the
+    projection's gradient whole) unless backends.PACKED_ROTARY_QK_GRADIENT is
+    off (the benchmark's A/B); both train like the reference, compiled too."""
+    from wmfast.ops import rotary as ops
+
+    monkeypatch.setattr(backends, "PACKED_ROTARY_QK_GRADIENT", packed)
+    calls = []
+    real = ops.rotary_qkv_packed
+    monkeypatch.setattr(ops, "rotary_qkv_packed", lambda *a: (calls.append(1), real(*a))[1])
+    config = small_config(positional_embedding_type="rotary_qk", d_model=16, n_heads=2)
+    device = kernel_device()
+    ids = random_ids(8, config.d_vocab, 2, 6).to(device)
+    for compile_ in ("never", "always"):
+        calls.clear()
+        reference, fast = reference_and_fast(config, device, rotary="triton", compile=compile_)
+        assert_same_function(reference, fast, ids, train=True)
+        if compile_ == "never":  # (compiled code calls what Dynamo traced, not the name)
+            assert len(calls) == (config.n_layers if packed else 0)
+
+
 # -- the kernel path: the Triton add & norm inside the model ---------------------------
 
 

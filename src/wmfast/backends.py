@@ -83,6 +83,15 @@ def flash_attn_installed() -> bool:
 # (bench/results/README.md, "h100-3"). An explicit rotary="triton" is kept.
 COMPILED_TRAINING_EMBEDDING_ROTATION = "torch"
 
+# With rotary="triton", rotary_qk's q and k come from the packed projection
+# through wmfast.ops.rotary.rotary_qkv_packed, whose backward writes the
+# projection's gradient whole: rotary_qk's own backward writes new q and k
+# gradients that autograd then stacks with v's (0.42 ms a layer at the SIR
+# shape in bf16, bench/results "h100-3" profile), 2 of 3 tensors read and
+# written once more. Not yet timed on a GPU: the model benchmark's
+# "fast_unpacked_rotary" runs the same model with this off.
+PACKED_ROTARY_QK_GRADIENT = True
+
 # At d_mlp 0 (workingmem's default) a layer's feed-forward block is linear2's
 # bias, so norm="triton" runs its two add & norms as one op
 # (wmfast.ops.bias_ffn_norms): at the SIR shape in bf16 it moves 18 bytes per

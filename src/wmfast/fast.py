@@ -179,9 +179,11 @@ def _rotary_functions(impl: str) -> dict[str, Callable]:
     if impl == "triton":
         from wmfast.ops import rotary as ops  # imports triton: only when picked
 
+        packed = ops.rotary_qkv_packed if backends.PACKED_ROTARY_QK_GRADIENT else None
         return dict(
             rotate_qk=ops.rotary_qk,
             rotate_qk_in_place=ops.rotary_qk_packed_,
+            rotate_packed_qkv=packed,
             embed_rotary=ops.embedding_rotation,
         )
     return dict(rotated_qkv=rotary_eager.rotated_qkv, embed_rotary=_torch_embedding_rotation)

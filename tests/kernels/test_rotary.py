@@ -103,6 +103,49 @@ def test_rotary_qk_kernel_matches_fp64(
         assert torch.equal(q, untouched[0]) and torch.equal(k, untouched[1])
 
 
+@given(
+    batch=st.integers(1, 3),
+    seq_len=st.sampled_from(SEQ_LENS),
+    heads=st.integers(1, 5),
+    head_dim=st.sampled_from(HEAD_DIMS),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["contiguous", "packed", "heads_first"]),
+    tables=st.sampled_from(["per_batch", "expanded", "batch1", "2d"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_rotary_qk_packed_grad_kernel_matches_fp64(
+    K, batch, seq_len, heads, head_dim, dtype, layout, tables, seed
+):
+    """The packed projection's gradient: d_q and d_k (any layout, as attention's
+    backward hands them over) rotated by the negative angle into slots 0 and
+    1, d_v copied into slot 2 exactly; the inputs untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    device = kernel_device()
+    d_q, d_k = _qk_views(layout, gen, batch, seq_len, heads, head_dim, dtype, device)
+    d_v = torch.randn(batch, seq_len, heads, head_dim, generator=gen).to(device, dtype)
+    cos, sin = _tables(tables, gen, batch, seq_len, head_dim // 2, device)
+    c = _broadcast(cos, batch).unsqueeze(-2)
+    s = _broadcast(sin, batch).unsqueeze(-2)
+    untouched = (d_q.clone(), d_k.clone(), d_v.clone())
+    out = torch.full((batch, seq_len, 3, heads, head_dim), float("nan"), device=device, dtype=dtype)
+    K.rotary_qk_packed_grad_launch(d_q, d_k, d_v, cos, sin, out)
+    tolerance = STORAGE_TOLERANCE[dtype]
+    torch.testing.assert_close(out[:, :, 0].double(), rotate_pairs_fp64(d_q, c, -s), **tolerance)
+    torch.testing.assert_close(out[:, :, 1].double(), rotate_pairs_fp64(d_k, c, -s), **tolerance)
+    assert torch.equal(out[:, :, 2], d_v)
+    for before, after in zip(untouched, (d_q, d_k, d_v), strict=True):
+        assert torch.equal(before, after)
+
+
+def test_rotary_qk_packed_grad_names_a_wrong_output(K):
+    d_q = torch.randn(2, 4, 2, 8, device=kernel_device())
+    cos, sin = _tables("2d", torch.Generator().manual_seed(0), 2, 4, 4, kernel_device())
+    with pytest.raises(ValueError, match=r"out must be \(2, 4, 3, 2, 8\)"):
+        K.rotary_qk_packed_grad_launch(d_q, d_q, d_q, cos, sin, torch.empty(2, 4, 2, 2, 8))
+    with pytest.raises(ValueError, match="d_v must be like d_q"):
+        K.rotary_qk_packed_grad_launch(d_q, d_q, d_q[:, :3], cos, sin, torch.empty(2, 4, 3, 2, 8))
+
+
 def test_rotary_qk_in_place_on_packed_leaves_v_alone(K):
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, 5, 3, 2, 8, generator=gen).to(kernel_device())

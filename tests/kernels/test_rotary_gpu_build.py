@@ -22,6 +22,8 @@ ROTARY_QK_VARIANTS = [
     (256, "float32", False),
     (256, "bfloat16", True),
 ]
+# (head_dim, dtype): the packed gradient (rotary_qkv_packed's backward)
+PACKED_GRAD_VARIANTS = [(128, "bfloat16"), (64, "bfloat16"), (48, "float32")]
 # (d_model, dtype, ADD_INPUT, CONJ)
 EMBEDDING_ROTATION_VARIANTS = [
     (512, "float32", True, False),
@@ -62,6 +64,12 @@ def build_all() -> None:
             K._rotary_qk_kernel, dtype, num_warps=num_warps,
             HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h, CONJ=conj,
         )  # fmt: skip
+    for head_dim, dtype in PACKED_GRAD_VARIANTS:
+        block_half, block_h, num_warps = K.rotary_qk_blocks(head_dim // 2, heads=4)
+        build(
+            K._rotary_qk_packed_grad_kernel, dtype, num_warps=num_warps,
+            HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h,
+        )  # fmt: skip
     for i, (d_model, dtype, add_input, conj) in enumerate(EMBEDDING_ROTATION_VARIANTS):
         for floats in ("fp32", "fp64") if i == 0 else ("fp32",):  # fp64: inside torch.compile
             build(
@@ -76,4 +84,7 @@ def test_every_kernel_variant_compiles_for_h100():
     out = build_in_subprocess("tests.kernels.test_rotary_gpu_build")
     built = out.count("built ")
     # + 1: the first embedding rotation variant again, with an fp64 scale
-    assert built == len(ROTARY_QK_VARIANTS) + len(EMBEDDING_ROTATION_VARIANTS) + 1, out
+    variants = (
+        len(ROTARY_QK_VARIANTS) + len(PACKED_GRAD_VARIANTS) + len(EMBEDDING_ROTATION_VARIANTS)
+    )
+    assert built == variants + 1, out

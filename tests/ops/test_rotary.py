@@ -191,3 +191,88 @@ def test_packed_in_place_matches_and_refuses_autograd(R):
         R.rotary_qk_packed_(qkv.clone().requires_grad_(), cos, sin)
     with pytest.raises(ValueError, match=r"\(batch, seq_len, 3, heads, head_dim\)"):
         R.rotary_qk_packed_(qkv[:, :, :2], cos, sin)
+
+
+# -- rotary_qkv_packed: the packed projection's gradient in one pass ------------------
+
+
+@given(
+    batch=st.integers(1, 3),
+    seq_len=st.sampled_from([1, 3, 7, 16]),
+    heads=st.integers(1, 4),
+    head_dim=st.sampled_from([2, 8, 48, 96]),
+    table_grads=st.booleans(),
+    broadcast=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_rotary_qkv_packed_matches_unbind_then_rotary_qk(
+    R, batch, seq_len, heads, head_dim, table_grads, broadcast, seed
+):
+    """The same q, k and v as splitting the projection and rotating q and k,
+    and the same gradients of the projection (and the tables), with v's
+    gradient passed through."""
+    gen = torch.Generator().manual_seed(seed)
+    device = kernel_device()
+    x = torch.randn(batch, seq_len, 3 * heads * head_dim, generator=gen).to(device)
+    x.requires_grad_()
+    inv_freq = WF.rotary_inv_freq(head_dim).to(device)
+    if broadcast:
+        cos, sin = WF.rotary_tables(seq_len, inv_freq)
+    else:
+        cos, sin = WF.rotary_qk_tables(batch, seq_len, inv_freq)
+    cos, sin = cos.clone().requires_grad_(table_grads), sin.clone().requires_grad_(table_grads)
+    weights = [torch.randn(batch, seq_len, heads, head_dim, generator=gen).to(device)] * 3
+    weights = [w * (i + 1) for i, w in enumerate(weights)]
+    inputs = (x, cos, sin) if table_grads else (x,)
+
+    def run(split):
+        qkv = (x * 1.5).view(batch, seq_len, 3, heads, head_dim)  # a non-leaf, as in the model
+        outs = split(qkv)
+        loss = sum((t * w).sum() for t, w in zip(outs, weights, strict=True))
+        return outs, torch.autograd.grad(loss, inputs)
+
+    got, got_grads = run(lambda qkv: R.rotary_qkv_packed(qkv, cos, sin))
+    want, want_grads = run(
+        lambda qkv: (*WF.rotary_qk(qkv[:, :, 0], qkv[:, :, 1], cos, sin), qkv[:, :, 2])
+    )
+    for name, g, w in zip("qkv", got, want, strict=True):
+        torch.testing.assert_close(g, w, **FP32_LOGITS, msg=name)
+    assert got[2]._base is not None  # v: a view of the projection, no copy
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, **FP32_GRADS)
+
+
+def test_rotary_qkv_packed_registered_op_and_compile(R):
+    """Under a tensor mode the packed gradient's registered op runs (the same
+    numbers as the eager launch), and a function using it compiles with no
+    graph break, forward and backward."""
+    gen = torch.Generator().manual_seed(6)
+    device = kernel_device()
+    x = torch.randn(2, 5, 3 * 2 * 8, generator=gen).to(device).requires_grad_()
+    cos, sin = WF.rotary_tables(5, WF.rotary_inv_freq(8).to(device))
+
+    def step(x):
+        q, k, v = R.rotary_qkv_packed((x * 2.0).view(2, 5, 3, 2, 8), cos, sin)
+        return (q * k.flip(1)).sum() + (v * q).sum()
+
+    def run():
+        loss = step(x)
+        return (loss,), torch.autograd.grad(loss, (x,))
+
+    assert_registered_ops_compute_the_same(
+        run, ("wmfast.rotary_qk", "wmfast.rotary_qk_packed_grad")
+    )
+    explanation = torch._dynamo.explain(step)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True)(x)
+    (grad,) = torch.autograd.grad(loss, (x,))
+    (eager_loss,), (eager_grad,) = run()
+    torch.testing.assert_close(loss, eager_loss, **FP32_LOGITS)
+    torch.testing.assert_close(grad, eager_grad, **FP32_GRADS)
+
+
+def test_rotary_qkv_packed_names_a_wrong_layout(R):
+    cos, sin = WF.rotary_tables(4, WF.rotary_inv_freq(8))
+    with pytest.raises(ValueError, match=r"\(batch, seq_len, 3, heads, head_dim\)"):
+        R.rotary_qkv_packed(torch.randn(2, 4, 2, 2, 8, device=kernel_device()), cos, sin)

@@ -132,6 +132,7 @@ def statics_of(model) -> Statics:
 RotateQK = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 RotateQKInPlace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 RotatedQKV = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+RotatePackedQKV = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 EmbedRotary = Callable[..., torch.Tensor]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 Tail = Callable[..., torch.Tensor | None]
@@ -203,6 +204,7 @@ def transformer_forward(
     tail: Tail | None = None,
     add_norm: AddNorm = torch_add_norm,
     add_norms_around_bias: AddNormsAroundBias | None = None,
+    rotate_packed_qkv: RotatePackedQKV | None = None,
 ) -> torch.Tensor:
     """logits (B, T, d_vocab) for input_ids (B, T); see TransformerModel.forward.
 
@@ -229,6 +231,10 @@ def transformer_forward(
     the residual stream and for the next matrix products, in
     ``low_dtype`` (autocast's dtype, or None) where it writes that copy itself
     (wmfast.ops.layer_norm); see ``torch_add_norm``.
+    ``rotate_packed_qkv(qkv, cos, sin)``, if given, replaces the split of the
+    packed projection and ``rotate_qk`` where that runs: (q, k, v) with q and
+    k rotated, whose backward writes the projection's gradient whole
+    (wmfast.ops.rotary.rotary_qkv_packed).
     ``add_norms_around_bias(x, y, norm1_weight, norm1_bias, ffn_bias,
     norm2_weight, norm2_bias, eps, p, training, low_dtype)``, if given, computes
     both add & norms of a layer at d_mlp 0 at once, around the bias-only
@@ -287,10 +293,14 @@ def transformer_forward(
             qkv = qkv.view(batch, seq_len, 3, heads, -1)
             if rope is not None and in_place:
                 rotate_qk_in_place(qkv, *rope)
-            q, k, v = qkv.unbind(2)  # (B, T, H, D) views
-            if rope is not None and not in_place:
-                q, k = rotate_qk(q, k, *rope)
+            if rope is not None and not in_place and rotate_packed_qkv is not None:
+                q, k, v = rotate_packed_qkv(qkv, *rope)  # v: a view, as below
                 note(f"{path}.self_attn.rotary", (q, k))
+            else:
+                q, k, v = qkv.unbind(2)  # (B, T, H, D) views
+                if rope is not None and not in_place:
+                    q, k = rotate_qk(q, k, *rope)
+                    note(f"{path}.self_attn.rotary", (q, k))
         if use_tail and i == last:
             args = (weights.output_weight, weights.output_bias, statics.eps, statics.act_fn)
             logits = tail(q, k, v, x, w, *args)

@@ -3,7 +3,11 @@ functional API. Importing this module imports triton (wmfast.kernels).
 
 The chain, per op: Triton kernel and launcher (``wmfast.kernels.rotary``) ->
 torch op with autograd (here) -> functional API (``rotary_qk``,
-``rotary_qk_packed_``, ``embedding_rotation``, here) -> nn.Module (the models).
+``rotary_qkv_packed``, ``rotary_qk_packed_``, ``embedding_rotation``, here) ->
+nn.Module (the models). ``rotary_qkv_packed`` is an autograd.Function rather
+than a registered op, because it returns v as a view of its input (a
+registered op's outputs may not alias its inputs); its forward and backward
+call registered ops.
 The pure-torch reference of the same math is ``wmfast.functional``.
 
 Each op is registered twice, because torch.compile needs different wrappers
@@ -33,6 +37,7 @@ from wmfast.kernels.rotary import (
     check_rotary_qk,
     embedding_rotation_launch,
     rotary_qk_launch,
+    rotary_qk_packed_grad_launch,
 )
 from wmfast.ops._eager import launch_eagerly
 
@@ -147,6 +152,86 @@ def rotary_qk(
         return _RotaryQKEager.apply(q, k, cos, sin, conj)
     check_rotary_qk(q, k, cos, sin)  # before dispatch: the same error under torch.compile
     return _rotary_qk_op(q)(q, k, cos, sin, conj)
+
+
+# -- rotary_qk on the packed projection, with the packed gradient ----------------------
+
+
+def _packed_grad_impl(d_q, d_k, d_v, cos, sin, wrap) -> Tensor:
+    batch, seq_len, heads, head_dim = d_q.shape
+    out = torch.empty((batch, seq_len, 3, heads, head_dim), dtype=d_q.dtype, device=d_q.device)
+    rotary_qk_packed_grad_launch(d_q, d_k, d_v, cos, sin, out, wrap=wrap)
+    return out
+
+
+@custom_op("wmfast::rotary_qk_packed_grad", mutates_args=())
+def _packed_grad_opaque(d_q: Tensor, d_k: Tensor, d_v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return _packed_grad_impl(d_q, d_k, d_v, cos, sin, _no_wrap)
+
+
+@_packed_grad_opaque.register_fake
+def _(d_q, d_k, d_v, cos, sin):
+    return d_q.new_empty((*d_q.shape[:2], 3, *d_q.shape[2:]))
+
+
+@triton_op("wmfast::rotary_qk_packed_grad_traceable", mutates_args=())
+def _packed_grad_traceable(
+    d_q: Tensor, d_k: Tensor, d_v: Tensor, cos: Tensor, sin: Tensor
+) -> Tensor:
+    return _packed_grad_impl(d_q, d_k, d_v, cos, sin, wrap_triton)
+
+
+def _rotary_qk_packed_grad(d_q, d_k, d_v, cos, sin) -> Tensor:
+    if launch_eagerly(d_q, d_k, d_v, cos, sin):
+        return _packed_grad_impl(d_q, d_k, d_v, cos, sin, _no_wrap)
+    check_rotary_qk(d_q, d_k, cos, sin)
+    op = _packed_grad_traceable if d_q.is_cuda else _packed_grad_opaque
+    return op(d_q, d_k, d_v, cos, sin)
+
+
+class _RotaryQKVPacked(torch.autograd.Function):
+    """q, k, v of the packed projection (B, T, 3, H, D) with q and k rotated
+    (new tensors) and v a view. Its backward writes the projection's gradient
+    whole in one kernel; rotary_qk's backward would write q's and k's
+    separately, and autograd would then stack the three into that gradient,
+    another pass over all of it (0.42 ms a layer at the SIR shape in bf16 on
+    an H100: bench/results "h100-3" profile)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        q, k, v = qkv.unbind(2)
+        if launch_eagerly(qkv, cos, sin):
+            q_rot, k_rot = _rotary_qk_impl(q, k, cos, sin, False, _no_wrap)
+        else:
+            check_rotary_qk(q, k, cos, sin)
+            q_rot, k_rot = _rotary_qk_op(q)(q, k, cos, sin, False)
+        ctx.table_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        # q and k only for table gradients, as rotary_qk (_rotary_qk_setup)
+        ctx.save_for_backward(cos, sin, *((q, k) if ctx.table_grads else ()))
+        return q_rot, k_rot, v
+
+    @staticmethod
+    def backward(ctx, d_q, d_k, d_v):
+        cos, sin, *qk = ctx.saved_tensors
+        d_qkv = _rotary_qk_packed_grad(d_q, d_k, d_v, cos, sin)
+        d_cos = d_sin = None
+        if ctx.table_grads:
+            d_cos, d_sin = _table_grads((d_q, d_k), qk, False)  # (B, T, H, D/2)
+            d_cos = d_cos.sum(-2).sum_to_size(cos.shape)
+            d_sin = d_sin.sum(-2).sum_to_size(sin.shape)
+        return d_qkv, d_cos, d_sin
+
+
+def rotary_qkv_packed(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, k, v)`` from the packed projection qkv (B, T, 3, H, D): q and k
+    rotated (new tensors, as ``rotary_qk``), v a view of qkv. The same values
+    as ``qkv.unbind(2)`` then ``rotary_qk``; the backward writes qkv's
+    gradient in one pass. Differentiable in qkv, cos and sin."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(
+            f"qkv must be (batch, seq_len, 3, heads, head_dim); got {tuple(qkv.shape)}"
+        )
+    return _RotaryQKVPacked.apply(qkv, cos, sin)
 
 
 # -- rotary_qk, in place on the packed projection ------------------------------------
