@@ -83,13 +83,14 @@ def flash_attn_installed() -> bool:
 # (bench/results/README.md, "h100-3"). An explicit rotary="triton" is kept.
 COMPILED_TRAINING_EMBEDDING_ROTATION = "torch"
 
-# With rotary="triton", rotary_qk's q and k come from the packed projection
-# through wmfast.ops.rotary.rotary_qkv_packed, whose backward writes the
-# projection's gradient whole: rotary_qk's own backward writes new q and k
-# gradients that autograd then stacks with v's (0.42 ms a layer at the SIR
-# shape in bf16, bench/results "h100-3" profile), 2 of 3 tensors read and
-# written once more. Not yet timed on a GPU: the model benchmark's
-# "fast_unpacked_rotary" runs the same model with this off.
+# With rotary="triton" (and not rotating in place), the rotary_qk model takes
+# q, k and v from the packed projection through
+# wmfast.ops.rotary.rotary_qkv_packed, whose backward writes the projection's
+# gradient whole. rotary_qk's own backward writes q's and k's gradients into
+# new tensors, which autograd then stacks with v's into that gradient (the
+# stack: 0.42 ms a layer at the SIR shape in bf16, bench/results "h100-3"
+# profile): by bytes, ~0.29 ms a layer more. Not yet timed on a GPU: the
+# model benchmark's "fast_unpacked_rotary" runs the same model with this off.
 PACKED_ROTARY_QK_GRADIENT = True
 
 # At d_mlp 0 (workingmem's default) a layer's feed-forward block is linear2's
