@@ -110,15 +110,19 @@ def _rotary_qk_setup(ctx, inputs, output):
     ctx.save_for_backward(cos, sin, *((q, k) if ctx.table_grads else ()))
 
 
+def _qk_table_grads(grads, qk, cos, sin, conj) -> tuple[Tensor, Tensor]:
+    """The tables' gradients from q's and k's (B, T, H, D) and their inputs."""
+    d_cos, d_sin = _table_grads(grads, qk, conj)  # (B, T, H, D/2)
+    # one angle serves every head: sum over heads, then to the table's own shape
+    return d_cos.sum(-2).sum_to_size(cos.shape), d_sin.sum(-2).sum_to_size(sin.shape)
+
+
 def _rotary_qk_backward(ctx, grad_q, grad_k):
     cos, sin, *qk = ctx.saved_tensors
     d_q, d_k = rotary_qk(grad_q, grad_k, cos, sin, conj=not ctx.conj)
     d_cos = d_sin = None
     if ctx.table_grads:
-        d_cos, d_sin = _table_grads((grad_q, grad_k), qk, ctx.conj)  # (B, T, H, D/2)
-        # one angle serves every head: sum over heads, then to the table's own shape
-        d_cos = d_cos.sum(-2).sum_to_size(cos.shape)
-        d_sin = d_sin.sum(-2).sum_to_size(sin.shape)
+        d_cos, d_sin = _qk_table_grads((grad_q, grad_k), qk, cos, sin, ctx.conj)
     return d_q, d_k, d_cos, d_sin, None
 
 
@@ -216,9 +220,7 @@ class _RotaryQKVPacked(torch.autograd.Function):
         d_qkv = _rotary_qk_packed_grad(d_q, d_k, d_v, cos, sin)
         d_cos = d_sin = None
         if ctx.table_grads:
-            d_cos, d_sin = _table_grads((d_q, d_k), qk, False)  # (B, T, H, D/2)
-            d_cos = d_cos.sum(-2).sum_to_size(cos.shape)
-            d_sin = d_sin.sum(-2).sum_to_size(sin.shape)
+            d_cos, d_sin = _qk_table_grads((d_q, d_k), qk, cos, sin, False)
         return d_qkv, d_cos, d_sin
 
 
