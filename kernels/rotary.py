@@ -62,6 +62,23 @@ def _load_angles(cos_row, sin_row, j, c_sd, s_sd, mask, CONJ: tl.constexpr):
 
 
 @triton.jit
+def _heads_tile(seq_len, n_heads, cos_ptr, sin_ptr, c_sb, c_st, c_sd, s_sb, s_st, s_sd,
+                HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                CONJ: tl.constexpr):  # fmt: skip
+    """This program's (b, t), block of heads h (BLOCK_H, 1) and pairs j, the
+    (BLOCK_H, BLOCK_HALF) mask, and the row's angles as (1, BLOCK_HALF) fp32."""
+    b, t = _row_position(seq_len)
+    j = tl.arange(0, BLOCK_HALF)
+    j_ok = j < HALF
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (h < n_heads)[:, None] & j_ok[None, :]
+    cos, sin = _load_angles(
+        cos_ptr + b * c_sb + t * c_st, sin_ptr + b * s_sb + t * s_st, j, c_sd, s_sd, j_ok, CONJ
+    )
+    return b, t, h, j, mask, cos[None, :], sin[None, :]
+
+
+@triton.jit
 def _rotate_pairs(src, dst, src_half, dst_half, cos, sin, mask):
     """Rotate the pairs (x1 at src, x2 at src + src_half) by (cos, sin) into dst; fp32 math."""
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
@@ -82,17 +99,10 @@ def _rotary_qk_kernel(
     s_sb, s_st, s_sd,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, CONJ: tl.constexpr,
 ):  # fmt: skip
-    b, t = _row_position(seq_len)
-    j = tl.arange(0, BLOCK_HALF)
-    j_ok = j < HALF
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (h < n_heads)[:, None] & j_ok[None, :]
-
-    cos, sin = _load_angles(
-        cos_ptr + b * c_sb + t * c_st, sin_ptr + b * s_sb + t * s_st, j, c_sd, s_sd, j_ok, CONJ
-    )
-    cos = cos[None, :]
-    sin = sin[None, :]
+    b, t, h, j, mask, cos, sin = _heads_tile(
+        seq_len, n_heads, cos_ptr, sin_ptr, c_sb, c_st, c_sd, s_sb, s_st, s_sd,
+        HALF, BLOCK_HALF, BLOCK_H, CONJ,
+    )  # fmt: skip
 
     # queries, then keys: the same angles
     src = q_ptr + b * q_sb + t * q_st + h[:, None] * q_sh + j[None, :] * q_sd
@@ -121,17 +131,10 @@ def _rotary_qk_packed_grad_kernel(
     tensors and then stack the three; ``out`` is written through its own
     strides, never through views (a view as a kernel output makes
     torch.compile clone it first)."""
-    b, t = _row_position(seq_len)
-    j = tl.arange(0, BLOCK_HALF)
-    j_ok = j < HALF
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (h < n_heads)[:, None] & j_ok[None, :]
-
-    cos, sin = _load_angles(
-        cos_ptr + b * c_sb + t * c_st, sin_ptr + b * s_sb + t * s_st, j, c_sd, s_sd, j_ok, True
-    )
-    cos = cos[None, :]
-    sin = sin[None, :]
+    b, t, h, j, mask, cos, sin = _heads_tile(
+        seq_len, n_heads, cos_ptr, sin_ptr, c_sb, c_st, c_sd, s_sb, s_st, s_sd,
+        HALF, BLOCK_HALF, BLOCK_H, True,
+    )  # fmt: skip
 
     row = out_ptr + b * o_sb + t * o_st + h[:, None] * o_sh + j[None, :] * o_sd
     src = dq_ptr + b * dq_sb + t * dq_st + h[:, None] * dq_sh + j[None, :] * dq_sd

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from layer_norm_tune import copy_ms_for, line  # tools/ is on the path when run as a script
 from triton.testing import do_bench
 
 from wmfast.kernels import bias_ffn_norms as K
@@ -47,17 +48,6 @@ def backward(t, block_m, warps, programs):
         num_warps=warps,
     )  # fmt: skip
     return parts.sum(1)
-
-
-def line(name: str, ms: float, moved: int, copy_ms: float) -> str:
-    return f"{name:44s} {ms * 1e3:7.1f} us {moved / ms / 1e6:6.0f} GB/s {copy_ms / ms:5.0%} of copy"
-
-
-def copy_ms_for(moved: int) -> float:
-    """A copy that reads and writes ``moved`` bytes in all."""
-    src = torch.empty(moved // 2 // 4, device="cuda")
-    dst = torch.empty_like(src)
-    return do_bench(lambda: dst.copy_(src), return_mode="median")
 
 
 def main() -> None:
