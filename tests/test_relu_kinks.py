@@ -15,8 +15,15 @@ LAYER0 = "transformer_encoder.layers.0.linear1"
 
 def _relu_inputs(model, ids) -> dict[str, torch.Tensor]:
     seen = {}
+
+    def record(path):
+        def hook(module, args, out):  # returns None: the output stays as it is
+            seen.setdefault(path, out.detach())
+
+        return hook
+
     handles = [
-        linear.register_forward_hook(lambda m, a, out, p=path: seen.setdefault(p, out.detach()))
+        linear.register_forward_hook(record(path))
         for path, linear in relu_kinks.relu_inputs(model).items()
     ]
     model(ids)

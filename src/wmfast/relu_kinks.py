@@ -73,10 +73,14 @@ def near_kinks(
     ``margin * max(1, largest |input| of the layer)`` of zero: the nearest
     ``limit`` of them, and how many there are in all."""
     inputs: dict[str, torch.Tensor] = {}
-    handles = [
-        linear.register_forward_hook(lambda m, a, out, p=path: inputs.setdefault(p, out.detach()))
-        for path, linear in relu_inputs(model).items()
-    ]
+
+    def record(path):
+        def hook(module, args, out):
+            inputs.setdefault(path, out.detach())  # returns None: the output stays as it is
+
+        return hook
+
+    handles = [linear.register_forward_hook(record(p)) for p, linear in relu_inputs(model).items()]
     try:
         forward()  # in the caller's grad mode: without grad, an eval-mode encoder
         # takes PyTorch's fused path, which calls no linear1
