@@ -117,3 +117,16 @@ def test_a_flip_at_a_kink_moves_its_own_units_gradient_and_flips_add(model_and_i
     for name in base:
         added = only_a[name] + only_b[name] - base[name]
         torch.testing.assert_close(both[name], added, **tight, msg=name)
+
+
+def test_near_kinks_records_without_changing_the_forward(model_and_ids):
+    """The recording hooks leave every output as it is, graph included: a
+    forward with a backward inside near_kinks gives the gradients it gives
+    without them."""
+    model, ids = model_and_ids
+    weight = torch.randn(2, 12, 50, generator=torch.Generator().manual_seed(2))
+    want = _grads(model, ids, weight)
+    got = {}
+    relu_kinks.near_kinks(model, lambda: got.update(_grads(model, ids, weight)), 1e-5)
+    for name, g in want.items():
+        assert torch.equal(got[name], g), name
