@@ -37,18 +37,9 @@ from wmfast.kernels.bias_ffn_norms import (
     check_bias_ffn_norms,
 )
 from wmfast.ops._eager import launch_eagerly
-from wmfast.ops.layer_norm import dropout_add_layer_norm
+from wmfast.ops.layer_norm import _empty, _no_wrap, dropout_add_layer_norm
 
 Tensor = torch.Tensor
-
-
-def _no_wrap(kernel):
-    return kernel
-
-
-def _empty(x: Tensor, dtype: torch.dtype, wanted: bool = True) -> Tensor:
-    """A new contiguous tensor shaped like x, or an empty placeholder."""
-    return torch.empty(x.shape if wanted else (0,), dtype=dtype, device=x.device)
 
 
 def _forward_outputs(x, seeds, p, out_dtype, low_dtype, save):
