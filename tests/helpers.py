@@ -202,19 +202,11 @@ def grads_across_relu_kinks(reference, run, got, want, tolerance) -> list:
     def close(a, b):
         return a is None or b is None or torch.allclose(a, b, **tolerance)
 
-    if all(close(g, w) for g, w in zip(got, want, strict=True)):
+    failing = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if not close(g, w)]
+    if not failing:
         return want
-    kinks, _ = relu_kinks.near_kinks(reference, run, 1e-5)
-    if not kinks:
-        return want
-    names = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if not close(g, w)]
-
-    def as_dict(grads):
-        return dict(enumerate(grads))
-
-    def flipped_run(flips):
-        with relu_kinks.flipped(reference, flips):
-            return as_dict(run())
-
-    flips = relu_kinks.likely_flips(flipped_run, as_dict(want), as_dict(got), kinks, names)
-    return list(flipped_run(flips).values()) if flips else want
+    found = relu_kinks.explain_gap(
+        reference, run, lambda: dict(enumerate(run())),
+        dict(enumerate(want)), dict(enumerate(got)), failing, 1e-5,
+    )  # fmt: skip
+    return list(found.grads.values()) if found.flips else want

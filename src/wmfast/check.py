@@ -361,18 +361,14 @@ def judge_at_kinks(
     ``checks`` unchanged, with a note that the gap is not a kink.
     """
     margin = tol["paths"][1]
-    kinks, total = relu_kinks.near_kinks(reference, reference_logits, margin)
-
-    def grads_with(flips):
-        with relu_kinks.flipped(reference, flips):
-            return _param_grads(reference, reference_logits(), weight)
-
     failing = [c.path for c in checks if not c.ok and got[c.path] is not None]
-    flips = []
-    if kinks and failing:
-        flips = relu_kinks.likely_flips(grads_with, want, got, kinks, failing)
+    found = relu_kinks.explain_gap(
+        reference, reference_logits, lambda: _param_grads(reference, reference_logits(), weight),
+        want, got, failing, margin,
+    )  # fmt: skip
+    flips = found.flips
     if flips:
-        rejudged = compare_grads(label, got, grads_with(flips), tol["grads"], len(flips))
+        rejudged = compare_grads(label, got, found.grads, tol["grads"], len(flips))
         if all(c.ok for c in rejudged):
             worst = max(c.max_abs for c in checks if not c.ok)
             report.notes.append(
@@ -385,15 +381,16 @@ def judge_at_kinks(
                 for k in flips
             ]
             return rejudged
-    if not kinks:
+    if not found.kinks:
         report.notes.append(
             f"{label}: no ReLU input within {margin:g} (relative) of zero: the gradients' "
             "gap is not a kink"
         )
     else:
         report.notes.append(
-            f"{label}: {total} ReLU input(s) within {margin:g} (relative) of zero; flipping "
-            f"{len(flips)} of the nearest {len(kinks)} does not explain the gradients' gap"
+            f"{label}: {found.total} ReLU input(s) within {margin:g} (relative) of zero; "
+            f"flipping {len(flips)} of the nearest {len(found.kinks)} does not explain the "
+            "gradients' gap"
         )
     return checks
 

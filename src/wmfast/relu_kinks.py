@@ -13,8 +13,8 @@ landed on the other side and linear1's weight gradient moved by 0.11
 (bench/results/README.md, "h100-3"). Neither gradient is wrong: each is the
 derivative of one side.
 
-So when gradients fail, the check asks whether flips at such kinks explain the
-gap (``explain``):
+So when gradients fail, the check (and the tests' gradient comparisons) ask
+whether flips at such kinks explain the gap (``explain_gap``):
 
 1. ``near_kinks``: the reference's ReLU inputs within ``margin`` of zero (the
    check's activation atol, relative to the layer's largest input), nearest
@@ -154,3 +154,40 @@ def likely_flips(
     )  # (elements, kinks)
     weights = torch.linalg.lstsq(effects, gap[:, None]).solution.flatten()
     return [kink for kink, w in zip(kinks, weights.tolist(), strict=True) if w > 0.5]
+
+
+@dataclasses.dataclass
+class Explanation:
+    """What ``explain_gap`` found: the kinks it tried (the nearest), how many
+    lie within the margin in all, the flips that best explain the gap, and the
+    model's gradients with those flips taken (None when there are none)."""
+
+    kinks: list[Kink]
+    total: int
+    flips: list[Kink]
+    grads: Grads | None
+
+
+def explain_gap(
+    model: nn.Module,
+    forward: Callable[[], object],
+    grads: Callable[[], Grads],
+    want: Grads,
+    got: Grads,
+    names: Sequence[str],
+    margin: float,
+) -> Explanation:
+    """Steps 1 to 4 of the module docstring for a gap between ``got`` and
+    ``want`` (``grads()``'s result: ``model``'s gradients by name) on the
+    parameters ``names``; ``forward()`` runs ``model`` as ``grads()`` does.
+    Whether the flipped gradients match ``got`` is the caller's judgement."""
+    kinks, total = near_kinks(model, forward, margin)
+    if not kinks or not names:
+        return Explanation(kinks, total, [], None)
+
+    def flipped_grads(flips: Sequence[Kink]) -> Grads:
+        with flipped(model, flips):
+            return grads()
+
+    flips = likely_flips(flipped_grads, want, got, kinks, names)
+    return Explanation(kinks, total, flips, flipped_grads(flips) if flips else None)
