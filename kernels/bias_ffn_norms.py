@@ -29,10 +29,13 @@ import torch
 from wmfast.kernels import layer_norm
 from wmfast.kernels._triton import check_device, check_dtype, fp32, tl, triton
 from wmfast.kernels.layer_norm import (
+    _dropout_add,
     _keep_mask,
     _norm_input_grad,
+    _output_grad,
     _row_stats,
     _rows,
+    _store_sum_grads,
     backward_programs,
     check_dropout_add_layer_norm,
     forward_blocks,
@@ -77,13 +80,10 @@ def _bias_ffn_norms_fwd_kernel(
     ok = (rows < n_rows)[:, None] & col_ok[None, :]
 
     # norm1: as _dropout_add_layer_norm_fwd_kernel
-    x = tl.load(x_ptr + rows[:, None] * x_sr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + rows[:, None] * y_sr + cols[None, :], mask=ok, other=0.0)
-    if DROPOUT:
-        keep = _keep_mask(tl.load(seed_ptr), rows, n_cols, p, BLOCK_M, BLOCK_N)
-        tl.store(keep1_ptr + rows[:, None] * keep_sr + cols[None, :], keep, mask=ok)
-        y = tl.where(keep, y.to(tl.float32) * scale, 0.0).to(y_ptr.dtype.element_ty)
-    s1 = (x + y.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+    s1 = _dropout_add(
+        x_ptr, y_ptr, keep1_ptr, seed_ptr, rows, cols, ok, x_sr, y_sr, keep_sr,
+        n_cols, p, scale, sum_ptr.dtype.element_ty, BLOCK_M, BLOCK_N, DROPOUT,
+    )  # fmt: skip
     if WRITE_SUM:  # for the backward, which recomputes x1 from it
         tl.store(sum_ptr + rows[:, None] * sum_sr + cols[None, :], s1, mask=ok)
     w1 = tl.load(w1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -152,16 +152,11 @@ def _bias_ffn_norms_bwd_kernel(
         centered2, rstd2 = _row_stats(s2, col_ok, n_cols, eps)
         x_hat2 = centered2 * rstd2[:, None]
 
-        # norm2's backward: the output's gradient, plus the low copy's
-        g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_D_OUT:
-            g += tl.load(
-                d_out_ptr + rows[:, None] * d_out_sr + cols[None, :], mask=ok, other=0.0
-            ).to(tl.float32)
-        if HAS_D_LOW:
-            g += tl.load(
-                d_low_ptr + rows[:, None] * d_low_sr + cols[None, :], mask=ok, other=0.0
-            ).to(tl.float32)
+        # norm2's backward
+        g = _output_grad(
+            d_out_ptr, d_low_ptr, rows, cols, ok, d_out_sr, d_low_sr,
+            BLOCK_M, BLOCK_N, HAS_D_OUT, HAS_D_LOW,
+        )  # fmt: skip
         d_w2 += tl.sum(g * x_hat2, axis=0)
         d_b2 += tl.sum(g, axis=0)
         d_s2 = _norm_input_grad(g, w2, x_hat2, rstd2, n_cols)
@@ -176,13 +171,10 @@ def _bias_ffn_norms_bwd_kernel(
         d_w1 += tl.sum(d_s2 * x_hat1, axis=0)
         d_b1 += tl.sum(d_s2, axis=0)
         d_s1 = _norm_input_grad(d_s2, w1, x_hat1, rstd1, n_cols)
-        d_s1 = d_s1.to(sum_ptr.dtype.element_ty)
-        tl.store(d_x_ptr + rows[:, None] * d_x_sr + cols[None, :], d_s1, mask=ok)
-        d_y = d_s1.to(d_y_ptr.dtype.element_ty)
-        if DROPOUT:
-            keep1 = tl.load(keep1_ptr + rows[:, None] * keep_sr + cols[None, :], mask=ok, other=0)
-            d_y = tl.where(keep1 != 0, d_y.to(tl.float32) * scale, 0.0)
-        tl.store(d_y_ptr + rows[:, None] * d_y_sr + cols[None, :], d_y, mask=ok)
+        _store_sum_grads(
+            d_s1.to(sum_ptr.dtype.element_ty), d_x_ptr, d_y_ptr, keep1_ptr, rows, cols, ok,
+            d_x_sr, d_y_sr, keep_sr, scale, DROPOUT,
+        )  # fmt: skip
 
     share = part_ptr + pid * n_cols + cols
     step = n_programs * n_cols  # from one gradient's shares to the next's

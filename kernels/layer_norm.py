@@ -76,6 +76,53 @@ def _norm_input_grad(g, w, x_hat, rstd, n_cols):
 
 
 @triton.jit
+def _dropout_add(x_ptr, y_ptr, keep_ptr, seed_ptr, rows, cols, ok, x_sr, y_sr, keep_sr,
+                 n_cols, p, scale, SUM_DTYPE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
+    """``x + dropout(y)`` over a tile, in SUM_DTYPE (their promoted dtype); the
+    mask, drawn from the seed at ``seed_ptr``, is stored for the backward."""
+    x = tl.load(x_ptr + rows[:, None] * x_sr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + rows[:, None] * y_sr + cols[None, :], mask=ok, other=0.0)
+    if DROPOUT:
+        keep = _keep_mask(tl.load(seed_ptr), rows, n_cols, p, BLOCK_M, BLOCK_N)
+        tl.store(keep_ptr + rows[:, None] * keep_sr + cols[None, :], keep, mask=ok)
+        # F.dropout's value, rounded to y's dtype as it returns it
+        y = tl.where(keep, y.to(tl.float32) * scale, 0.0).to(y_ptr.dtype.element_ty)
+    return (x + y.to(tl.float32)).to(SUM_DTYPE)
+
+
+@triton.jit
+def _output_grad(d_out_ptr, d_low_ptr, rows, cols, ok, d_out_sr, d_low_sr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_D_OUT: tl.constexpr, HAS_D_LOW: tl.constexpr):  # fmt: skip
+    """The gradient of a norm's output over a tile, fp32: its own, plus the low
+    copy's (the add autograd would otherwise run as a pass of its own)."""
+    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_D_OUT:
+        g += tl.load(d_out_ptr + rows[:, None] * d_out_sr + cols[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
+    if HAS_D_LOW:
+        g += tl.load(d_low_ptr + rows[:, None] * d_low_sr + cols[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
+    return g
+
+
+@triton.jit
+def _store_sum_grads(d_s, d_x_ptr, d_y_ptr, keep_ptr, rows, cols, ok, d_x_sr, d_y_sr, keep_sr,
+                     scale, DROPOUT: tl.constexpr):  # fmt: skip
+    """Store the gradient of ``s = x + dropout(y)`` (d_s, in s's dtype) as x's,
+    and through the mask as y's (the add hands y's side its dtype)."""
+    tl.store(d_x_ptr + rows[:, None] * d_x_sr + cols[None, :], d_s, mask=ok)
+    d_y = d_s.to(d_y_ptr.dtype.element_ty)
+    if DROPOUT:
+        keep = tl.load(keep_ptr + rows[:, None] * keep_sr + cols[None, :], mask=ok, other=0)
+        d_y = tl.where(keep != 0, d_y.to(tl.float32) * scale, 0.0)
+    tl.store(d_y_ptr + rows[:, None] * d_y_sr + cols[None, :], d_y, mask=ok)
+
+
+@triton.jit
 def _dropout_add_layer_norm_fwd_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, seed_ptr,
     out_ptr, low_ptr, sum_ptr, keep_ptr,
@@ -90,14 +137,10 @@ def _dropout_add_layer_norm_fwd_kernel(
     col_ok = cols < n_cols
     ok = (rows < n_rows)[:, None] & col_ok[None, :]
 
-    x = tl.load(x_ptr + rows[:, None] * x_sr + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + rows[:, None] * y_sr + cols[None, :], mask=ok, other=0.0)
-    if DROPOUT:
-        keep = _keep_mask(tl.load(seed_ptr), rows, n_cols, p, BLOCK_M, BLOCK_N)
-        tl.store(keep_ptr + rows[:, None] * keep_sr + cols[None, :], keep, mask=ok)
-        # F.dropout's value, rounded to y's dtype as it returns it
-        y = tl.where(keep, y.to(tl.float32) * scale, 0.0).to(y_ptr.dtype.element_ty)
-    s = (x + y.to(tl.float32)).to(sum_ptr.dtype.element_ty)  # x + y in its promoted dtype
+    s = _dropout_add(
+        x_ptr, y_ptr, keep_ptr, seed_ptr, rows, cols, ok, x_sr, y_sr, keep_sr,
+        n_cols, p, scale, sum_ptr.dtype.element_ty, BLOCK_M, BLOCK_N, DROPOUT,
+    )  # fmt: skip
     if WRITE_SUM:  # for the backward
         tl.store(sum_ptr + rows[:, None] * sum_sr + cols[None, :], s, mask=ok)
 
@@ -135,28 +178,19 @@ def _dropout_add_layer_norm_bwd_kernel(
         s = tl.load(sum_ptr + rows[:, None] * sum_sr + cols[None, :], mask=ok, other=0.0)
         centered, rstd = _row_stats(s.to(tl.float32), col_ok, n_cols, eps)
         x_hat = centered * rstd[:, None]
-        # the gradient of the output: its own, plus the low copy's (the add
-        # autograd would otherwise run as a pass of its own)
-        g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_D_OUT:
-            g += tl.load(
-                d_out_ptr + rows[:, None] * d_out_sr + cols[None, :], mask=ok, other=0.0
-            ).to(tl.float32)
-        if HAS_D_LOW:
-            g += tl.load(
-                d_low_ptr + rows[:, None] * d_low_sr + cols[None, :], mask=ok, other=0.0
-            ).to(tl.float32)
+        g = _output_grad(
+            d_out_ptr, d_low_ptr, rows, cols, ok, d_out_sr, d_low_sr,
+            BLOCK_M, BLOCK_N, HAS_D_OUT, HAS_D_LOW,
+        )  # fmt: skip
         d_w += tl.sum(g * x_hat, axis=0)
         d_b += tl.sum(g, axis=0)
 
         d_s = _norm_input_grad(g, w, x_hat, rstd, n_cols)
         d_s = d_s.to(sum_ptr.dtype.element_ty)  # s's gradient in s's dtype
-        tl.store(d_x_ptr + rows[:, None] * d_x_sr + cols[None, :], d_s, mask=ok)
-        d_y = d_s.to(d_y_ptr.dtype.element_ty)  # the add hands y's side its dtype
-        if DROPOUT:
-            keep = tl.load(keep_ptr + rows[:, None] * keep_sr + cols[None, :], mask=ok, other=0)
-            d_y = tl.where(keep != 0, d_y.to(tl.float32) * scale, 0.0)
-        tl.store(d_y_ptr + rows[:, None] * d_y_sr + cols[None, :], d_y, mask=ok)
+        _store_sum_grads(
+            d_s, d_x_ptr, d_y_ptr, keep_ptr, rows, cols, ok, d_x_sr, d_y_sr, keep_sr,
+            scale, DROPOUT,
+        )  # fmt: skip
 
     tl.store(d_w_part_ptr + pid * n_cols + cols, d_w, mask=col_ok)
     tl.store(d_b_part_ptr + pid * n_cols + cols, d_b, mask=col_ok)
