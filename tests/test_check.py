@@ -279,13 +279,13 @@ def test_gradients_across_a_relu_kink_pass_and_the_report_says_so(monkeypatch):
         assert all(c.kind == "grad" for c in report.failures())
 
 
-def test_the_cli_prints_the_kink_notes_and_exits_0(monkeypatch, capsys):
+def test_the_cli_prints_the_kink_notes_and_exits_0(monkeypatch, capsys, tmp_path):
     reference, candidate, kink = _kinked_pair()
     flips = relu_kinks.flipped(candidate, [kink])
     flips.__enter__()  # for the whole check (its seed-0 ids are _compare's)
     monkeypatch.setattr(wc, "build_pair", lambda *args: (reference, candidate))
     try:
-        code = _run_cli_on_config(reference.config, ["--no-paths", "--no-speed"])
+        code = _run_cli_on_config(reference.config, ["--no-paths", "--no-speed"], tmp_path)
     finally:
         flips.__exit__(None, None, None)
     out = " ".join(capsys.readouterr().out.split())
@@ -339,7 +339,7 @@ def test_a_wrong_rotary_module_on_the_traced_path_is_caught_by_the_path_walk():
     assert all(c.ok for c in report.comparisons if c.kind == "logits")  # untraced path is fine
 
 
-def test_cli_exits_1_and_names_the_path(monkeypatch, capsys):
+def test_cli_exits_1_and_names_the_path(monkeypatch, capsys, tmp_path):
     real = wc.build_pair
 
     def broken_build_pair(config, run, variant, fast_options=None):
@@ -351,18 +351,14 @@ def test_cli_exits_1_and_names_the_path(monkeypatch, capsys):
 
     monkeypatch.setattr(wc, "build_pair", broken_build_pair)
     config = small_config(positional_embedding_type="rotary")
-    code = _run_cli_on_config(config, ["--no-paths", "--no-speed"])
+    code = _run_cli_on_config(config, ["--no-paths", "--no-speed"], tmp_path)
     out = capsys.readouterr().out
     assert code == 1
     assert "diverges first at transformer_encoder.layers.0.norm2" in out
 
 
-def _run_cli_on_config(config, extra, tmp_path=None):
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(tmp_path or tempfile.mkdtemp())
-    path = folder / "config.yaml"
+def _run_cli_on_config(config, extra, tmp_path):
+    path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     return main(["check", str(path), "--seq-len", "6", "--batch-size", "2", *extra])
 
