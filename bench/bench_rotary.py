@@ -40,7 +40,14 @@ EMB_SHAPES_CPU = {"tiny": (2, 8, 32)}
 EMB_CASES_CUDA = [(s, dt) for s in EMB_SHAPES_CUDA for dt in (torch.bfloat16, torch.float32)]
 EMB_CASES_CPU = [("tiny", torch.float32)]
 
-QK_IMPLS = ["torch_eager", "torch_compile", "wmfast_triton", "wmfast_triton_inplace", "liger"]
+QK_IMPLS = [
+    "torch_eager",
+    "torch_compile",
+    "wmfast_triton",
+    "wmfast_triton_inplace",
+    "wmfast_launchers",
+    "liger",
+]
 EMB_IMPLS = ["torch_eager", "torch_compile", "wmfast_triton"]
 
 
@@ -117,6 +124,8 @@ def bench_rotary_qk(benchmark, device, ops, compiled_rotary_qk, shape, dtype, im
 
     if impl == "liger":
         fn = _liger_rotary_qk(qkv, cos, sin, g_q, g_k, direction)
+    elif impl == "wmfast_launchers":
+        fn = _launchers_rotary_qk(q_in, k_in, cos, sin, g_q, g_k, direction)
     elif impl == "wmfast_triton_inplace":
         buffer = qkv.detach().clone()
 
@@ -230,6 +239,23 @@ def _liger_rotary_qk(qkv, cos, sin, g_q, g_k, direction):
         rope.rope_forward(q, k, cos_full, sin_full)
         if direction == "fwdbwd":
             rope.rope_backward(dq, dk, cos_full, sin_full)
+
+    return fn
+
+
+def _launchers_rotary_qk(q, k, cos, sin, g_q, g_k, direction):
+    """wmfast's kernels as liger's row runs its own: the forward and backward
+    launchers on preallocated outputs, no autograd and no allocation. Beside
+    the op through autograd (wmfast_triton) it tells the kernels' time from
+    the op's host work where a call is host-bound."""
+    from wmfast.kernels.rotary import rotary_qk_launch
+
+    q_out, k_out, d_q, d_k = (torch.empty_like(t) for t in (g_q, g_k, g_q, g_k))
+
+    def fn():
+        rotary_qk_launch(q, k, cos, sin, q_out, k_out)
+        if direction == "fwdbwd":
+            rotary_qk_launch(g_q, g_k, cos, sin, d_q, d_k, conj=True)
 
     return fn
 

@@ -202,8 +202,10 @@ def _table_strides(name: str, table: torch.Tensor, batch: int, seq_len: int, hal
     )
 
 
-def check_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Clear errors for inputs the rotary_qk kernel cannot take."""
+def check_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Clear errors for inputs the rotary_qk kernel cannot take; else the tables'
+    strides, (cos's, sin's), which the launchers pass on (checked once per launch:
+    eager launches are host-bound at the SIR shape)."""
     if q.dim() != 4 or q.shape != k.shape:
         raise ValueError(
             f"q and k must both be (batch, seq_len, heads, head_dim); got {tuple(q.shape)} "
@@ -219,10 +221,13 @@ def check_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     if k.dtype != q.dtype:
         raise TypeError(f"q and k must share a dtype; got {q.dtype} and {k.dtype}")
     batch, seq_len = q.shape[:2]
-    _table_strides("cos", cos, batch, seq_len, head_dim // 2)
-    _table_strides("sin", sin, batch, seq_len, head_dim // 2)
+    strides = (
+        _table_strides("cos", cos, batch, seq_len, head_dim // 2),
+        _table_strides("sin", sin, batch, seq_len, head_dim // 2),
+    )
     # last: a wrong shape or dtype is named the same on every machine
     check_device(q, k, cos, sin)
+    return strides
 
 
 def rotary_qk_blocks(half: int, heads: int) -> tuple[int, int, int]:
@@ -249,7 +254,7 @@ def rotary_qk_launch(
     wrap: Callable = _identity,
 ) -> None:
     """Rotate q and k (B, T, H, D) into q_out and k_out (which may be q and k)."""
-    check_rotary_qk(q, k, cos, sin)
+    cos_strides, sin_strides = check_rotary_qk(q, k, cos, sin)
     batch, seq_len, heads, head_dim = q.shape
     half = head_dim // 2
     if q.numel() == 0:
@@ -260,8 +265,7 @@ def rotary_qk_launch(
         q, k, q_out, k_out, cos, sin,
         seq_len, heads,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
-        *_table_strides("cos", cos, batch, seq_len, half),
-        *_table_strides("sin", sin, batch, seq_len, half),
+        *cos_strides, *sin_strides,
         HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h, CONJ=conj,
         num_warps=num_warps,
     )  # fmt: skip
@@ -278,7 +282,7 @@ def rotary_qk_packed_grad_launch(
 ) -> None:
     """out (B, T, 3, H, D) = (d_q and d_k rotated by the negative angle, d_v):
     the packed projection's gradient when q and k were rotated (B, T, H, D each)."""
-    check_rotary_qk(d_q, d_k, cos, sin)
+    cos_strides, sin_strides = check_rotary_qk(d_q, d_k, cos, sin)
     batch, seq_len, heads, head_dim = d_q.shape
     if d_v.shape != d_q.shape or d_v.dtype != d_q.dtype:
         raise ValueError(
@@ -298,24 +302,27 @@ def rotary_qk_packed_grad_launch(
         d_q, d_k, d_v, out, cos, sin,
         seq_len, heads,
         *d_q.stride(), *d_k.stride(), *d_v.stride(), *out.stride(),
-        *_table_strides("cos", cos, batch, seq_len, half),
-        *_table_strides("sin", sin, batch, seq_len, half),
+        *cos_strides, *sin_strides,
         HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h,
         num_warps=num_warps,
     )  # fmt: skip
 
 
-def check_embedding_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Clear errors for inputs the embedding-rotation kernel cannot take."""
+def check_embedding_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Clear errors for inputs the embedding-rotation kernel cannot take; else the
+    tables' strides, as check_rotary_qk."""
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, seq_len, d_model); got {tuple(x.shape)}")
     if x.shape[-1] % 2:
         raise ValueError(f"d_model must be even (pairs (i, i + d/2)); got {x.shape[-1]}")
     check_dtype("x", x)
     batch, seq_len, d_model = x.shape
-    _table_strides("cos", cos, batch, seq_len, d_model // 2)
-    _table_strides("sin", sin, batch, seq_len, d_model // 2)
+    strides = (
+        _table_strides("cos", cos, batch, seq_len, d_model // 2),
+        _table_strides("sin", sin, batch, seq_len, d_model // 2),
+    )
     check_device(x, cos, sin)  # last, as in check_rotary_qk
+    return strides
 
 
 def embedding_rotation_launch(
@@ -329,7 +336,7 @@ def embedding_rotation_launch(
     wrap: Callable = _identity,
 ) -> None:
     """out = s + rotate(s) (add_input) or rotate(s), with s = x * scale; x: (B, T, d)."""
-    check_embedding_rotation(x, cos, sin)
+    cos_strides, sin_strides = check_embedding_rotation(x, cos, sin)
     batch, seq_len, d_model = x.shape
     half = d_model // 2
     if x.numel() == 0:
@@ -338,7 +345,6 @@ def embedding_rotation_launch(
         x, out, cos, sin,
         seq_len, float(scale),
         *x.stride(), *out.stride(),
-        *_table_strides("cos", cos, batch, seq_len, half),
-        *_table_strides("sin", sin, batch, seq_len, half),
+        *cos_strides, *sin_strides,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), ADD_INPUT=add_input, CONJ=conj,
     )  # fmt: skip

@@ -8,12 +8,19 @@ num_warps): forward on q and k as views of the packed projection, and
 backward (the negative angle) on contiguous gradients, as autograd hands
 them over. Prints each as a share of a plain copy of the same bytes, then
 the op through autograd (forward + backward, as bench/bench_rotary.py times
-it) with torch.profiler's kernel table, to tell kernel time from the rest.
+it) with torch.profiler's kernel table, to tell kernel time from the rest,
+and its host time per call (enqueued behind a GPU sleep, so the host never
+waits) with cProfile's top functions: where the call is host-bound, that is
+what to cut.
 It picks the launch settings that kernels/rotary.py hard-codes; it is not a
 test.
 """
 
 from __future__ import annotations
+
+import cProfile
+import pstats
+import time
 
 import torch
 import triton
@@ -97,6 +104,27 @@ def through_autograd(qkv, cos, sin) -> None:
     print(
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60)
     )
+    print(f"ops.rotary_qk forward + backward, host time: {host_time(step):.1f} us a call")
+    profiler = cProfile.Profile()
+    host_time(step, profiler=profiler)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+
+
+def host_time(step, calls: int = 50, profiler=None) -> float:
+    """Microseconds of host work per call of ``step``: the calls are enqueued
+    behind a long GPU sleep, so the host never waits for the device."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU clock cycles: longer than the calls
+    if profiler is not None:
+        profiler.enable()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    elapsed = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def main() -> None:

@@ -100,6 +100,48 @@ def test_embedding_rotation_op_forward_and_grads_match_reference(
     )
 
 
+def test_grads_of_grads_and_calls_that_record_no_graph(R):
+    # an eager backward without create_graph launches the kernel directly
+    # (no autograd.Function); with create_graph it must still record the
+    # rotation, so the gradient of a gradient matches the reference's
+    gen = torch.Generator().manual_seed(11)
+    device = kernel_device()
+    qkv = torch.randn(2, 5, 3, 2, 8, generator=gen).to(device).requires_grad_()
+    emb = torch.randn(2, 5, 16, generator=gen).to(device).requires_grad_()
+    w_qk = torch.randn(2, 5, 2, 8, generator=gen).to(device).requires_grad_()
+    w_emb = torch.randn(2, 5, 16, generator=gen).to(device).requires_grad_()
+    v_qkv, v_emb = torch.randn_like(qkv), torch.randn_like(emb)
+    cos, sin = WF.rotary_tables(5, WF.rotary_inv_freq(8).to(device))
+    cos_e, sin_e = WF.rotary_tables(5, WF.rotary_inv_freq(16).to(device))
+
+    def embedding_rotation_reference(x, cos, sin, scale):
+        return x * scale + WF.rotate_pairs(x * scale, cos, sin)
+
+    def run(rotary_qk, embedding_rotation):
+        q, k = rotary_qk(qkv[:, :, 0], qkv[:, :, 1], cos, sin)
+        x = embedding_rotation(emb, cos_e, sin_e, scale=4.0)
+        loss = (q * w_qk).sum() + (k * w_qk.flip(0)).sum() + (x * w_emb).sum()
+        d_qkv, d_emb = torch.autograd.grad(loss, (qkv, emb), create_graph=True)
+        return torch.autograd.grad((d_qkv * v_qkv).sum() + (d_emb * v_emb).sum(), (w_qk, w_emb))
+
+    got = run(R.rotary_qk, R.embedding_rotation)
+    want = run(WF.rotary_qk, embedding_rotation_reference)
+    for g, w in zip(got, want, strict=True):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, w, **FP32_GRADS)
+
+    with torch.no_grad():
+        q, k = R.rotary_qk(qkv[:, :, 0], qkv[:, :, 1], cos, sin)
+        x = R.embedding_rotation(emb, cos_e, sin_e, scale=4.0)
+    assert q.grad_fn is None and k.grad_fn is None and x.grad_fn is None
+    torch.testing.assert_close(
+        (q, k), WF.rotary_qk(qkv[:, :, 0].detach(), qkv[:, :, 1].detach(), cos, sin), **FP32_LOGITS
+    )
+    torch.testing.assert_close(
+        x, embedding_rotation_reference(emb.detach(), cos_e, sin_e, 4.0), **FP32_LOGITS
+    )
+
+
 def test_registered_ops_compute_what_the_eager_functions_compute(R):
     # eager calls skip torch.library (wmfast.ops._eager); under a tensor mode
     # (and in compiled code) the registered ops run: the same kernels, the same

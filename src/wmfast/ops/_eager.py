@@ -9,7 +9,9 @@ registered op both ways and ~130 us through a plain
 ``torch.autograd.Function`` around the same launcher. On an H100 that host
 work, not the kernels, set the op's forward + backward time at the SIR
 shapes (bench/results/README.md, "h100-2"). So eager calls on plain tensors
-take the Function, everything else the registered op.
+take the Function, everything else the registered op; and an eager call
+that records no graph (no_grad, or a backward without create_graph) calls the
+launcher alone.
 """
 
 from __future__ import annotations
@@ -26,3 +28,11 @@ def launch_eagerly(*tensors: torch.Tensor) -> bool:
         and torch._C._len_torch_dispatch_stack() == 0
         and all(type(t) in _PLAIN for t in tensors)
     )
+
+
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """True when autograd would record a call on these tensors: otherwise an
+    eager rotary call skips the autograd.Function (~70 us of host work a call
+    on 2 CPU cores) and launches directly, and the add & norm ops save nothing
+    for a backward."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

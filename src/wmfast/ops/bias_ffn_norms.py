@@ -36,7 +36,7 @@ from wmfast.kernels.bias_ffn_norms import (
     bias_ffn_norms_fwd_launch,
     check_bias_ffn_norms,
 )
-from wmfast.ops._eager import launch_eagerly
+from wmfast.ops._eager import launch_eagerly, records_grad
 from wmfast.ops.layer_norm import _empty, _no_wrap, dropout_add_layer_norm
 
 Tensor = torch.Tensor
@@ -271,7 +271,7 @@ def bias_ffn_norms(
     if low_dtype == out_dtype:
         low_dtype = None
     seeds = torch.randint(2**62, (2,), device=x.device) if dropout else None
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, *params))
+    save = records_grad(x, y, *params)
     if eager:
         op = _BiasFfnNormsEager.apply
     else:

@@ -24,7 +24,7 @@ from wmfast.kernels.layer_norm import (
     dropout_add_layer_norm_bwd_launch,
     dropout_add_layer_norm_fwd_launch,
 )
-from wmfast.ops._eager import launch_eagerly
+from wmfast.ops._eager import launch_eagerly, records_grad
 
 Tensor = torch.Tensor
 
@@ -226,7 +226,7 @@ def dropout_add_layer_norm(
     if low_dtype == out_dtype:
         low_dtype = None
     seed = torch.randint(2**62, (1,), device=x.device) if dropout else None
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, weight, bias))
+    save = records_grad(x, y, weight, bias)
     if eager:
         op = _DropoutAddLayerNormEager.apply
     else:

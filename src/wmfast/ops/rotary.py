@@ -39,7 +39,7 @@ from wmfast.kernels.rotary import (
     rotary_qk_launch,
     rotary_qk_packed_grad_launch,
 )
-from wmfast.ops._eager import launch_eagerly
+from wmfast.ops._eager import launch_eagerly, records_grad
 
 Tensor = torch.Tensor
 
@@ -153,7 +153,9 @@ def rotary_qk(
     Differentiable in q, k, cos and sin.
     """
     if launch_eagerly(q, k, cos, sin):
-        return _RotaryQKEager.apply(q, k, cos, sin, conj)
+        if records_grad(q, k, cos, sin):
+            return _RotaryQKEager.apply(q, k, cos, sin, conj)
+        return _rotary_qk_impl(q, k, cos, sin, conj, _no_wrap)  # e.g. in the backward
     check_rotary_qk(q, k, cos, sin)  # before dispatch: the same error under torch.compile
     return _rotary_qk_op(q)(q, k, cos, sin, conj)
 
@@ -354,7 +356,9 @@ def embedding_rotation(
     The fused form replaces ``e = embedding(ids) * sqrt(d); e + pos_encoder(e)``.
     """
     if launch_eagerly(x, cos, sin):
-        return _EmbeddingRotationEager.apply(x, cos, sin, float(scale), add_input, conj)
+        if records_grad(x, cos, sin):
+            return _EmbeddingRotationEager.apply(x, cos, sin, float(scale), add_input, conj)
+        return _embedding_rotation_impl(x, cos, sin, float(scale), add_input, conj, _no_wrap)
     check_embedding_rotation(x, cos, sin)
     op = _embedding_rotation_traceable if x.is_cuda else _embedding_rotation_opaque
     return op(x, cos, sin, float(scale), add_input, conj)
