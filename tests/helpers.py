@@ -116,6 +116,19 @@ def assert_as_close_to_fp64_as_the_reference(reference, fast, ids, factor: float
     assert not worse, f"further from fp64 than {factor}x the fp32 reference: {worse}"
 
 
+def assert_low_precision_grads_near_exact(names, ours, torchs, exact) -> None:
+    """Low-precision gradients (each a sum over positions whose terms cancel)
+    judged against exact arithmetic on the same inputs, beside PyTorch's own
+    low-precision composition: ours at most twice its error, plus a bf16
+    step of the value's scale."""
+    for name, got, theirs, truth in zip(names, ours, torchs, exact, strict=True):
+        assert got.dtype == theirs.dtype, name
+        ours_err = float((got.double() - truth).abs().max())
+        torch_err = float((theirs.double() - truth).abs().max())
+        step = 2**-8 * float(truth.abs().max())
+        assert ours_err <= 2 * torch_err + step, (name, ours_err, torch_err)
+
+
 def count_applies(monkeypatch, function: type[torch.autograd.Function]) -> list[int]:
     """A one-element list counting the calls of ``function.apply`` from now on
     (until ``monkeypatch`` undoes the wrapping)."""

@@ -14,6 +14,7 @@ from ..helpers import (
     AUTOCAST_LOGITS,
     FP32_GRADS,
     FP32_LOGITS,
+    assert_low_precision_grads_near_exact,
     assert_registered_ops_compute_the_same,
     kernel_device,
 )
@@ -136,6 +137,26 @@ def test_low_copy_under_autocast_and_both_gradients(L):
     loss = (want * g).sum() + (want.to(torch.bfloat16).float() * g_low).sum()
     want_grads = torch.autograd.grad(loss, inputs)
     _assert_grads_close(got_grads, want_grads, AUTOCAST_LOGITS)
+
+
+def test_a_bf16_stream_under_autocast_keeps_the_compositions_dtype(L):
+    """bf16 x and y under bf16 autocast: CUDA's autocast runs layer_norm in
+    fp32, CPU's leaves it in bf16; the op's output takes the same dtype on
+    each, with the composition's values and gradients."""
+    device = kernel_device()
+    x, y, weight, bias, g = _inputs(3, (2, 7, 32), device, dtype=torch.bfloat16)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out, low = L.dropout_add_layer_norm(x, y, weight, bias, EPS)
+        want = _composition(x, y, weight, bias)
+    expected = torch.float32 if device.type == "cuda" else torch.bfloat16
+    assert want.dtype == expected and out.dtype == expected and low is out
+    torch.testing.assert_close(out.float(), want.float(), **AUTOCAST_LOGITS)
+    inputs = (x, y, weight, bias)
+    got = torch.autograd.grad(out, inputs, g.to(out.dtype))
+    torchs = torch.autograd.grad(want, inputs, g.to(want.dtype))
+    exact_inputs = tuple(t.detach().double().requires_grad_() for t in inputs)
+    exact = torch.autograd.grad(_composition(*exact_inputs), exact_inputs, g.double())
+    assert_low_precision_grads_near_exact("x y weight bias".split(), got, torchs, exact)
 
 
 def test_registered_ops_compute_what_the_eager_function_computes(L):

@@ -37,7 +37,7 @@ from wmfast.kernels.bias_ffn_norms import (
     check_bias_ffn_norms,
 )
 from wmfast.ops._eager import launch_eagerly, records_grad
-from wmfast.ops.layer_norm import _empty, _no_wrap, dropout_add_layer_norm
+from wmfast.ops.layer_norm import _empty, _no_wrap, dropout_add_layer_norm, norm_output_dtype
 
 Tensor = torch.Tensor
 
@@ -249,12 +249,7 @@ def bias_ffn_norms(
     Dropout masks: Triton's Philox stream, seeded from torch's generator (the
     distribution of F.dropout, not its masks). Differentiable in every tensor.
     """
-    device = x.device.type
-    out_dtype = (
-        torch.float32
-        if torch.is_autocast_enabled(device)
-        else torch.promote_types(x.dtype, y.dtype)
-    )
+    out_dtype = norm_output_dtype(x.device.type, x.dtype, y.dtype)
     if torch.promote_types(x.dtype, y.dtype) != out_dtype or (
         torch.promote_types(out_dtype, ffn_bias.dtype) != out_dtype
     ):

@@ -39,6 +39,15 @@ def _empty(x: Tensor, dtype: torch.dtype, wanted: bool = True) -> Tensor:
     return torch.empty(x.shape if wanted else (0,), dtype=dtype, device=x.device)
 
 
+def norm_output_dtype(device_type: str, x_dtype: torch.dtype, y_dtype: torch.dtype):
+    """The dtype of ``F.layer_norm(x + y)``: fp32 under CUDA's autocast, which
+    runs layer_norm in fp32; CPU's autocast leaves layer_norm alone, so there
+    (and without autocast) the sum's dtype."""
+    if device_type != "cpu" and torch.is_autocast_enabled(device_type):
+        return torch.float32
+    return torch.promote_types(x_dtype, y_dtype)
+
+
 def _forward_outputs(x, y, seed, p, out_dtype, low_dtype, save):
     """(out, low, s, keep): the forward's outputs; placeholders for what is not needed."""
     dropout = seed is not None and p > 0
@@ -208,21 +217,16 @@ def dropout_add_layer_norm(
     ``low_dtype`` is None or out's dtype.
 
     Dtypes follow the composition it replaces: ``x + y`` in their promoted
-    dtype, the norm's output in that dtype, or fp32 under autocast (which runs
-    layer_norm in fp32). Dropout masks come from Triton's Philox stream, seeded
-    from torch's generator on x's device: the same distribution as F.dropout,
-    not its masks. Differentiable in x, y, weight and bias.
+    dtype, the norm's output in that dtype, or fp32 under CUDA's autocast
+    (``norm_output_dtype``). Dropout masks come from Triton's Philox stream,
+    seeded from torch's generator on x's device: the same distribution as
+    F.dropout, not its masks. Differentiable in x, y, weight and bias.
     """
     eager = launch_eagerly(x, y, weight, bias)
     if not eager:  # before dispatch: the same error under torch.compile (eager: the launcher's)
         check_dropout_add_layer_norm(x, y, weight, bias, p)
     dropout = training and p > 0
-    device = x.device.type
-    out_dtype = (
-        torch.float32
-        if torch.is_autocast_enabled(device)
-        else torch.promote_types(x.dtype, y.dtype)
-    )
+    out_dtype = norm_output_dtype(x.device.type, x.dtype, y.dtype)
     if low_dtype == out_dtype:
         low_dtype = None
     seed = torch.randint(2**62, (1,), device=x.device) if dropout else None
