@@ -51,7 +51,11 @@
 #      then the SIR steps with fast, fast_single_norms, fast_unpacked_rotary
 #      and fast_torch_norm: do the two pay, does rotary_qk reach 1.2x
 #      torch.compile)
-#   3. tune   (bias_ffn_norms' launch settings are ptxas-informed guesses)
+#   3. tune "rotary:fwdbwd and sir"   (bias_ffn_norms' launch settings are
+#      ptxas-informed guesses; rotary_tune prints the eager op's host time
+#      and cProfile's top functions, and the benchmark's wmfast_launchers
+#      row times our kernels as liger's row times its own: is the SIR bf16
+#      fwd+bwd miss against liger host work, as the CPU estimate says?)
 #   4. compile "models:fp32"   (not yet run on a GPU)
 #   5. "models:small and (rnn or lstm)"   (RNN/LSTM at the small shape)
 # A session has 30 minutes of device time; a fresh machine takes ~30 s to
