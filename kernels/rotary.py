@@ -41,6 +41,7 @@ import torch
 from wmfast.kernels._triton import check_device, check_dtype, fp32, tl, triton
 
 MAX_HEAD_DIM = 256
+TableStrides = tuple[int, int, int]  # a cos/sin table's (batch, position, feature) strides
 
 
 @triton.jit
@@ -185,7 +186,9 @@ def _identity(kernel):
     return kernel
 
 
-def _table_strides(name: str, table: torch.Tensor, batch: int, seq_len: int, half: int):
+def _table_strides(
+    name: str, table: torch.Tensor, batch: int, seq_len: int, half: int
+) -> TableStrides:
     """(batch, position, feature) strides of a cos/sin table.
 
     Accepts (T, D/2) or (B, T, D/2) (a batch stride of 0, from expand, is fine);
@@ -202,7 +205,9 @@ def _table_strides(name: str, table: torch.Tensor, batch: int, seq_len: int, hal
     )
 
 
-def check_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def check_rotary_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[TableStrides, TableStrides]:
     """Clear errors for inputs the rotary_qk kernel cannot take; else the tables'
     strides, (cos's, sin's), which the launchers pass on (checked once per launch:
     eager launches are host-bound at the SIR shape)."""
@@ -308,7 +313,9 @@ def rotary_qk_packed_grad_launch(
     )  # fmt: skip
 
 
-def check_embedding_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def check_embedding_rotation(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[TableStrides, TableStrides]:
     """Clear errors for inputs the embedding-rotation kernel cannot take; else the
     tables' strides, as check_rotary_qk."""
     if x.dim() != 3:

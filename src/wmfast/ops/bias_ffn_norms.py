@@ -245,7 +245,7 @@ def bias_ffn_norms(
     is ``ffn_bias`` (d,) at every position. Returns ``(out, low)`` as
     ``dropout_add_layer_norm`` does, with the same dtype rules; where those
     would round norm1's output or a sum to another dtype than the output's
-    (a bf16 model under autocast), it runs as two ``dropout_add_layer_norm``.
+    (a bf16 model under CUDA's autocast), it runs as two ``dropout_add_layer_norm``.
     Dropout masks: Triton's Philox stream, seeded from torch's generator (the
     distribution of F.dropout, not its masks). Differentiable in every tensor.
     """
