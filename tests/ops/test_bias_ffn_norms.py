@@ -22,6 +22,7 @@ from ..helpers import (
     RecordOps,
     assert_low_precision_grads_near_exact,
     assert_registered_ops_compute_the_same,
+    count_applies,
     kernel_device,
 )
 
@@ -177,6 +178,16 @@ def test_a_bf16_model_under_autocast_computes_the_composition(B):
     got = torch.autograd.grad(out, inputs, g.to(out.dtype))
     want_grads = torch.autograd.grad(want, inputs, g.to(want.dtype))
     _assert_grads_close(got, want_grads, AUTOCAST_LOGITS)
+
+
+def test_a_no_grad_call_launches_alone_and_computes_the_same(B, monkeypatch):
+    inputs, _ = _inputs(6, (2, 5, 16), kernel_device())
+    with_grad, _ = B.bias_ffn_norms(*inputs, EPS)
+    applies = count_applies(monkeypatch, B._BiasFfnNormsEager)
+    with torch.no_grad():
+        out, low = B.bias_ffn_norms(*inputs, EPS)
+    assert applies == [0] and out.grad_fn is None and low is out
+    assert torch.equal(out, with_grad.detach())
 
 
 def test_registered_ops_compute_what_the_eager_function_computes(B):

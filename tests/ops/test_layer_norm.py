@@ -16,6 +16,7 @@ from ..helpers import (
     FP32_LOGITS,
     assert_low_precision_grads_near_exact,
     assert_registered_ops_compute_the_same,
+    count_applies,
     kernel_device,
 )
 
@@ -157,6 +158,17 @@ def test_a_bf16_stream_under_autocast_keeps_the_compositions_dtype(L):
     exact_inputs = tuple(t.detach().double().requires_grad_() for t in inputs)
     exact = torch.autograd.grad(_composition(*exact_inputs), exact_inputs, g.double())
     assert_low_precision_grads_near_exact("x y weight bias".split(), got, torchs, exact)
+
+
+def test_a_no_grad_call_launches_alone_and_computes_the_same(L, monkeypatch):
+    device = kernel_device()
+    x, y, weight, bias, _ = _inputs(5, (2, 5, 16), device)
+    with_grad, _ = L.dropout_add_layer_norm(x, y, weight, bias, EPS)
+    applies = count_applies(monkeypatch, L._DropoutAddLayerNormEager)
+    with torch.no_grad():
+        out, low = L.dropout_add_layer_norm(x, y, weight, bias, EPS)
+    assert applies == [0] and out.grad_fn is None and low is out
+    assert torch.equal(out, with_grad.detach())
 
 
 def test_registered_ops_compute_what_the_eager_function_computes(L):

@@ -14,6 +14,7 @@ from ..helpers import (
     FP32_GRADS,
     FP32_LOGITS,
     assert_registered_ops_compute_the_same,
+    count_applies,
     kernel_device,
 )
 
@@ -100,7 +101,7 @@ def test_embedding_rotation_op_forward_and_grads_match_reference(
     )
 
 
-def test_grads_of_grads_and_calls_that_record_no_graph(R):
+def test_grads_of_grads_and_calls_that_record_no_graph(R, monkeypatch):
     # an eager backward without create_graph launches the kernel directly
     # (no autograd.Function); with create_graph it must still record the
     # rotation, so the gradient of a gradient matches the reference's
@@ -130,10 +131,12 @@ def test_grads_of_grads_and_calls_that_record_no_graph(R):
         assert g.abs().max() > 0
         torch.testing.assert_close(g, w, **FP32_GRADS)
 
+    applies = [count_applies(monkeypatch, f) for f in (R._RotaryQKEager, R._EmbeddingRotationEager)]
     with torch.no_grad():
         q, k = R.rotary_qk(qkv[:, :, 0], qkv[:, :, 1], cos, sin)
         x = R.embedding_rotation(emb, cos_e, sin_e, scale=4.0)
     assert q.grad_fn is None and k.grad_fn is None and x.grad_fn is None
+    assert applies == [[0], [0]]  # the launchers alone
     torch.testing.assert_close(
         (q, k), WF.rotary_qk(qkv[:, :, 0].detach(), qkv[:, :, 1].detach(), cos, sin), **FP32_LOGITS
     )

@@ -32,7 +32,6 @@ def launch_eagerly(*tensors: torch.Tensor) -> bool:
 
 def records_grad(*tensors: torch.Tensor) -> bool:
     """True when autograd would record a call on these tensors: otherwise an
-    eager rotary call skips the autograd.Function (~70 us of host work a call
-    on 2 CPU cores) and launches directly, and the add & norm ops save nothing
-    for a backward."""
+    eager call skips the autograd.Function (~70 us of host work a call on 2
+    CPU cores) and launches directly."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

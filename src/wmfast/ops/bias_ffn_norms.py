@@ -267,9 +267,11 @@ def bias_ffn_norms(
         low_dtype = None
     seeds = torch.randint(2**62, (2,), device=x.device) if dropout else None
     save = records_grad(x, y, *params)
-    if eager:
-        op = _BiasFfnNormsEager.apply
-    else:
-        op = _forward_traceable if x.is_cuda else _forward_opaque
-    out, low, *_ = op(x, y, *params, seeds, p if dropout else 0.0, eps, out_dtype, low_dtype, save)
+    args = (x, y, *params, seeds, p if dropout else 0.0, eps, out_dtype, low_dtype, save)
+    if not eager:
+        out, low, *_ = (_forward_traceable if x.is_cuda else _forward_opaque)(*args)
+    elif save:
+        out, low, *_ = _BiasFfnNormsEager.apply(*args)
+    else:  # nothing to record for autograd (no_grad): the launcher alone
+        out, low, *_ = _forward_impl(*args, _no_wrap)
     return out, (low if low_dtype is not None else out)

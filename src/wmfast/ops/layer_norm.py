@@ -231,11 +231,11 @@ def dropout_add_layer_norm(
         low_dtype = None
     seed = torch.randint(2**62, (1,), device=x.device) if dropout else None
     save = records_grad(x, y, weight, bias)
-    if eager:
-        op = _DropoutAddLayerNormEager.apply
-    else:
-        op = _forward_traceable if x.is_cuda else _forward_opaque
-    out, low, _, _ = op(
-        x, y, weight, bias, seed, p if dropout else 0.0, eps, out_dtype, low_dtype, save
-    )
+    args = (x, y, weight, bias, seed, p if dropout else 0.0, eps, out_dtype, low_dtype, save)
+    if not eager:
+        out, low, _, _ = (_forward_traceable if x.is_cuda else _forward_opaque)(*args)
+    elif save:
+        out, low, _, _ = _DropoutAddLayerNormEager.apply(*args)
+    else:  # nothing to record for autograd (no_grad): the launcher alone
+        out, low, _, _ = _forward_impl(*args, _no_wrap)
     return out, (low if low_dtype is not None else out)
