@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench_layer_norm import CASES_CPU, CASES_CUDA, EPS, SHAPES_CPU, SHAPES_CUDA, P, _name
-from .timing import time_it
+from .timing import kernel_calls_per_round, time_it
 
 pytestmark = pytest.mark.triton
 
@@ -105,7 +105,7 @@ def bench_bias_ffn_norms(
             benchmark,
             fn,
             device,
-            calls=max(10, min(50, 50_000_000 // numel)) if device.type == "cuda" else 1,
+            calls=kernel_calls_per_round(device, numel),
             bytes_per_call=forward_bytes + (backward_bytes if grad else 0),
             shape=list(shape3),
             dtype=dtypes,

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .timing import time_it
+from .timing import kernel_calls_per_round, time_it
 
 pytestmark = pytest.mark.triton
 
@@ -124,7 +124,7 @@ def bench_dropout_add_layer_norm(
             benchmark,
             fn,
             device,
-            calls=max(10, min(50, 50_000_000 // numel)) if device.type == "cuda" else 1,
+            calls=kernel_calls_per_round(device, numel),
             bytes_per_call=forward_bytes + (backward_bytes if grad else 0),
             shape=list(shape3),
             dtype=dtypes,

@@ -20,7 +20,7 @@ import torch
 
 from wmfast import functional as WF
 
-from .timing import time_it
+from .timing import kernel_calls_per_round, time_it
 
 pytestmark = pytest.mark.triton
 
@@ -59,15 +59,6 @@ def _cases(cuda_cases, cpu_cases):
     ]
 
 
-def _calls(device, numel) -> int:
-    # Enough back-to-back calls that one synchronize per round is noise, and
-    # at least 10: with one call per round the host's time to dispatch the op
-    # adds to the kernel's instead of overlapping the previous call (H100, SIR
-    # shape, bf16: wmfast's eager op took 0.51 ms a call at 1 call per round,
-    # its kernel alone 0.29 ms; tools/rotary_tune.py).
-    return max(10, min(50, 50_000_000 // max(numel, 1))) if device.type == "cuda" else 1
-
-
 @pytest.fixture(scope="module")
 def ops():
     from wmfast.ops import rotary
@@ -90,7 +81,7 @@ def bench_copy(benchmark, device, shape, dtype):
         benchmark,
         lambda: dst.copy_(src),
         device,
-        calls=_calls(device, numel),
+        calls=kernel_calls_per_round(device, numel),
         bytes_per_call=2 * numel * src.element_size(),  # read once, write once
         shape=[numel],
         dtype=str(dtype),
@@ -152,7 +143,7 @@ def bench_rotary_qk(benchmark, device, ops, compiled_rotary_qk, shape, dtype, im
             benchmark,
             fn,
             device,
-            calls=_calls(device, numel),
+            calls=kernel_calls_per_round(device, numel),
             bytes_per_call=moved,
             shape=[batch, seq_len, heads, head_dim],
             dtype=str(dtype),
@@ -213,7 +204,7 @@ def bench_rotary_qk_packed(benchmark, device, ops, compiled_split_and_rotate, sh
         benchmark,
         fn,
         device,
-        calls=_calls(device, numel),
+        calls=kernel_calls_per_round(device, numel),
         bytes_per_call=moved,
         shape=[batch, seq_len, heads, head_dim],
         dtype=str(dtype),
@@ -305,7 +296,7 @@ def bench_embedding_rotation(
             benchmark,
             fn,
             device,
-            calls=_calls(device, numel),
+            calls=kernel_calls_per_round(device, numel),
             bytes_per_call=2 * numel * emb.element_size() * (2 if grad else 1),
             shape=[batch, seq_len, d_model],
             dtype=str(dtype),

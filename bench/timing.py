@@ -45,6 +45,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def kernel_calls_per_round(device: torch.device, numel: int) -> int:
+    """Back-to-back calls per timed round of a kernel benchmark over ``numel``
+    elements: enough that one synchronize per round is noise, and at least 10
+    on CUDA: with one call per round the host's time to dispatch the op adds
+    to the kernel's instead of overlapping the previous call (H100, SIR shape,
+    bf16: wmfast's eager rotary op took 0.51 ms a call at 1 call per round,
+    its kernel alone 0.29 ms; tools/rotary_tune.py)."""
+    return max(10, min(50, 50_000_000 // max(numel, 1))) if device.type == "cuda" else 1
+
+
 def time_it(
     benchmark,
     fn: Callable[[], object],
