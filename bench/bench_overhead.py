@@ -8,6 +8,15 @@ the step. The fast variant runs compiled here on every device
 the difference to torch.compile(reference) is the fast runner's own per-call
 work: the input check, the trace and hook checks, gathering the weights and
 picking the compiled graph. Groups: ``overhead/{direction}/{device}``.
+
+On CUDA two more rows split fast's extra host time ("h100-3": training step
+4.96 ms against torch.compile's 4.21, forward 0.42 against 0.34) between the
+runner and wmfast's Triton kernels, which Inductor launches as user-defined
+kernels through Triton's own launcher, not the static launcher it uses for
+its own kernels (``static_launch_user_defined_triton_kernels``, off by
+default in torch 2.11-2.13): ``fast_compiled_torch_kernels`` runs the same
+math with Inductor's code for the rotation and the add & norms, and
+``fast_compiled_static_launch`` compiles fast's code with that option on.
 """
 
 from __future__ import annotations
@@ -18,27 +27,60 @@ import torch
 from wmfast.fast import make_fast
 
 from .bench_models import build_impl, sir_batch, timed_call
-from .timing import time_it
+from .timing import alternating_speedup, time_it
 
 MODEL = "transformer/rotary_qk"
 FIELDS = dict(d_model=16, n_heads=2, n_layers=2, d_mlp=0, dropout=0.1, d_hidden=16)
 BATCH, TRIALS = 2, 2  # T = 4 * TRIALS = 8
-IMPLS = ["reference", "torch_compile", "fast_compiled"]
+IMPLS = [
+    "reference",
+    "torch_compile",
+    "fast_compiled",
+    "fast_compiled_torch_kernels",
+    "fast_compiled_static_launch",
+]
 CALLS = 50  # per timed round: each call takes well under a millisecond of work
+ALTERNATING_ROUNDS = 50
 
 
 def _impl(impl: str, device: torch.device):
-    if impl == "fast_compiled":
-        return make_fast(build_impl(MODEL, "reference", FIELDS, device), compile="always")
+    reference = build_impl(MODEL, "reference", FIELDS, device)
+    if impl in ("fast_compiled", "fast_compiled_static_launch"):
+        return make_fast(reference, compile="always")
+    if impl == "fast_compiled_torch_kernels":
+        return make_fast(reference, compile="always", rotary="torch", norm="torch")
     return build_impl(MODEL, impl, FIELDS, device)
+
+
+def _compile_with_static_launch(fn) -> None:
+    """Run ``fn`` once, compiling it anew with Inductor's static launcher for
+    user-defined Triton kernels. Dynamo's caches are dropped first: fast
+    models of one configuration share their compiled code (wmfast.fast), and
+    "fast_compiled" compiled it without the option. Strict: a kernel that
+    cannot be launched statically fails the case with Inductor's reason,
+    instead of falling back to the row it is compared with."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with inductor_config.patch(
+        static_launch_user_defined_triton_kernels=True, strict_static_cuda_launcher=True
+    ):
+        fn()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("direction", ["forward", "train_step"])
 def bench_overhead(benchmark, device, smoke, direction, impl):
+    if impl in ("fast_compiled_torch_kernels", "fast_compiled_static_launch") and (
+        device.type != "cuda"
+    ):
+        pytest.skip("same as fast_compiled off CUDA: the CPU rules take torch's code")
     benchmark.group = f"overhead/{direction}/{device.type}"
     batch = sir_batch(BATCH, TRIALS, device)
     fn = timed_call(_impl(impl, device), direction, batch, "fp32")
+    if impl == "fast_compiled_static_launch":
+        _compile_with_static_launch(fn)
     time_it(
         benchmark,
         fn,
@@ -54,3 +96,9 @@ def bench_overhead(benchmark, device, smoke, direction, impl):
         seq_len=batch.input_ids.shape[1],
         **FIELDS,
     )
+    if impl != "reference" and not smoke:
+        # the same guard against slow spells as in bench_models
+        reference = timed_call(_impl("reference", device), direction, batch, "fp32")
+        benchmark.extra_info["alternating_speedup"] = alternating_speedup(
+            reference, fn, device, ALTERNATING_ROUNDS
+        )
