@@ -17,6 +17,9 @@
 #   profile       torch.profiler's kernel table of the SIR bf16 training step,
 #                 torch.compile(reference) beside fast and fast_torch_norm
 #                                                              (<= 200 s)
+#   host          cProfile of the "small" bf16 training step's host work,
+#                 torch.compile(reference) beside fast and fast_torch_norm
+#                                                              (<= 120 s)
 #   tools         tools/fused_path_diff.py                      (<= 30 s)
 #   probe         tools/rotary_grad_probe.py: the rotary model's gradients
 #                 per way of running its embedding rotation, at the check's
@@ -57,7 +60,12 @@
 #      row times our kernels as liger's row times its own: is the SIR bf16
 #      fwd+bwd miss against liger host work, as the CPU estimate says?)
 #   4. compile "models:fp32"   (not yet run on a GPU)
-#   5. "models:small and (rnn or lstm)"   (RNN/LSTM at the small shape)
+#   5. overhead host "models:small and (rnn or lstm)"   (where fast's extra
+#      host time on a launch-bound step goes: "h100-3" measured 4.96 ms a
+#      tiny training step against torch.compile's 4.21, and at the small
+#      shape fast lost to torch.compile for None, standard and rotary_qk;
+#      bench_overhead's new rows split it between the runner and the
+#      user-defined Triton kernels' launcher; then RNN/LSTM at the small shape)
 # A session has 30 minutes of device time; a fresh machine takes ~30 s to
 # start and stays warm 30 s after a call, so a call made at once after the
 # last one skips both the start and the setup. Set WMFAST_CALL_LIMIT (seconds)
@@ -138,6 +146,10 @@ for stage in "$@"; do
       run_pytest 150 bench/bench_bias_ffn_norms.py --benchmark-only \
         --benchmark-json="$OUT/bench_bias_ffn_norms.json" 2>&1 | tail -5
       ;;
+    host)
+      timeout -s INT "$(budget 120)" python3 -m bench.profile_step --host --shape small \
+        --out "$OUT/host.txt" --impls torch_compile fast fast_torch_norm
+      ;;
     tools)
       timeout "$(budget 30)" python3 tools/fused_path_diff.py >"$OUT/tools.txt" 2>&1
       tail -40 "$OUT/tools.txt"
@@ -187,7 +199,7 @@ for stage in "$@"; do
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests[:EXPR], rotary[:EXPR], norm, profile, tools, probe, fp64, tune, check, determinism, compile, overhead, models:EXPR)"
+      echo "unknown stage: $stage (tests[:EXPR], rotary[:EXPR], norm, profile, host, tools, probe, fp64, tune, check, determinism, compile, overhead, models:EXPR)"
       exit 2
       ;;
   esac

@@ -7,32 +7,46 @@ model benchmark case, per implementation, side by side in one file.
 Each implementation is warmed up (compiled) first, then ``--steps`` steps are
 profiled; the table lists kernels by their own CUDA time, per step. It answers
 "what limits the fast step" when a speed target is missed (bench/results).
+
+With ``--host`` it profiles the host instead, for launch-bound shapes
+("small"), where the GPU waits on Python: cProfile's functions by their own
+time over the steps (cProfile slows Python calls, so read shares, not ms).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .bench_models import SHAPES, build_impl, sir_batch, timed_call
+from .timing import synchronize
 
 
-def profile_case(model: str, shape: str, dtype: str, impl: str, steps: int, rows: int) -> str:
-    device = torch.device("cuda")
+def warm_training_step(model: str, shape: str, dtype: str, impl: str):
+    """The benchmark's training step for one case, compiled and run a few times."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch_size, trials, fields = SHAPES[shape]
     batch = sir_batch(batch_size, trials, device)
     step = timed_call(build_impl(model, impl, fields, device), "train_step", batch, dtype)
     for _ in range(3):  # compile, then settle the allocator
         step()
-    torch.cuda.synchronize()
+    synchronize(device)
+    return step, device
+
+
+def profile_case(model: str, shape: str, dtype: str, impl: str, steps: int, rows: int) -> str:
+    step, device = warm_training_step(model, shape, dtype, impl)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
-        torch.cuda.synchronize()
+        synchronize(device)
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / steps
@@ -49,6 +63,24 @@ def profile_case(model: str, shape: str, dtype: str, impl: str, steps: int, rows
     )
 
 
+def profile_host(model: str, shape: str, dtype: str, impl: str, steps: int, rows: int) -> str:
+    step, device = warm_training_step(model, shape, dtype, impl)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    profiler.disable()
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    return (
+        f"== {model} {shape} {dtype} train_step, {impl}: {wall_ms:.2f} ms/step wall under "
+        f"cProfile (totals below are over {steps} steps)\n{text.getvalue()}\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="transformer/rotary_qk")
@@ -58,12 +90,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--host", action="store_true", help="cProfile the host instead")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() or args.host):
         parser.error("profiling a training step's kernels needs a CUDA device")
     with open(args.out, "a") as out:
         for impl in args.impls:
-            text = profile_case(args.model, args.shape, args.dtype, impl, args.steps, args.rows)
+            profile_one = profile_host if args.host else profile_case
+            text = profile_one(args.model, args.shape, args.dtype, impl, args.steps, args.rows)
             print(text.split("\n")[0], flush=True)
             out.write(text)
             out.flush()
