@@ -25,6 +25,27 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 # Read once, like triton itself: kernels are decorated at import in this mode.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _interpreter_runs_loops() -> bool:
+    """Whether the interpreter can run a loop over a runtime range. Triton < 3.7
+    turns a loop bound into a Python int with int() of a 1-element array,
+    which numpy >= 2.5 refuses ("only 0-dimensional arrays can be converted to
+    Python scalars"); triton 3.7 squeezes the array first. Torch 2.11 pins
+    triton 3.6."""
+    if not INTERPRETED or _major_minor(triton.__version__) >= (3, 7):
+        return True
+    import numpy  # the interpreter's own dependency
+
+    return _major_minor(numpy.__version__) < (2, 5)
+
+
+INTERPRETER_RUNS_LOOPS = _interpreter_runs_loops()
+
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -52,6 +73,20 @@ def check_device(*tensors: torch.Tensor) -> None:
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(
             f"wmfast's Triton kernels run on CUDA (or CPU, interpreted); got {device}"
+        )
+
+
+def check_interpreter_runs_loops(kernel: str) -> None:
+    """For kernels that loop over a runtime range of rows: a clear error where
+    the interpreter cannot run them (``_interpreter_runs_loops``)."""
+    if not INTERPRETER_RUNS_LOOPS:
+        import numpy
+
+        raise RuntimeError(
+            f"{kernel} cannot run under the Triton interpreter of triton {triton.__version__} "
+            f"with numpy {numpy.__version__}: triton < 3.7 interprets its row loop with a "
+            f"conversion numpy >= 2.5 refuses. Install triton >= 3.7 or numpy < 2.5, run on "
+            f"CUDA, or use norm='torch'"
         )
 
 

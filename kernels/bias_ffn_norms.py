@@ -27,7 +27,14 @@ from collections.abc import Callable
 import torch
 
 from wmfast.kernels import layer_norm
-from wmfast.kernels._triton import check_device, check_dtype, fp32, tl, triton
+from wmfast.kernels._triton import (
+    check_device,
+    check_dtype,
+    check_interpreter_runs_loops,
+    fp32,
+    tl,
+    triton,
+)
 from wmfast.kernels.layer_norm import (
     _dropout_add,
     _keep_mask,
@@ -301,6 +308,7 @@ def bias_ffn_norms_bwd_launch(
 ) -> torch.Tensor:
     """Write the gradients of x and y; return those of PARAM_GRADS as one
     (5, d) fp32 tensor (summed over the programs' shares)."""
+    check_interpreter_runs_loops("bias_ffn_norms' backward")
     n_cols = s.shape[-1]
     n_rows = s.numel() // n_cols
     block_m, block_n, warps = backward_blocks(n_cols)

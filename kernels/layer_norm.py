@@ -34,7 +34,15 @@ from collections.abc import Callable
 
 import torch
 
-from wmfast.kernels._triton import INTERPRETED, check_device, check_dtype, fp32, tl, triton
+from wmfast.kernels._triton import (
+    INTERPRETED,
+    check_device,
+    check_dtype,
+    check_interpreter_runs_loops,
+    fp32,
+    tl,
+    triton,
+)
 
 MAX_COLS = 8192  # one row lives in registers: d_model up to 8192
 
@@ -327,6 +335,7 @@ def dropout_add_layer_norm_bwd_launch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write the gradients of x and y (s's gradient, in d_x's and d_y's dtypes, the
     latter through the dropout mask) and return those of weight and bias (fp32)."""
+    check_interpreter_runs_loops("dropout_add_layer_norm's backward")
     n_cols = s.shape[-1]
     n_rows = s.numel() // n_cols
     block_m, block_n, warps = backward_blocks(n_cols)
