@@ -44,12 +44,12 @@ ALTERNATING_ROUNDS = 50
 
 
 def _impl(impl: str, device: torch.device):
+    if impl in ("reference", "torch_compile"):
+        return build_impl(MODEL, impl, FIELDS, device)
     reference = build_impl(MODEL, "reference", FIELDS, device)
-    if impl in ("fast_compiled", "fast_compiled_static_launch"):
-        return make_fast(reference, compile="always")
     if impl == "fast_compiled_torch_kernels":
         return make_fast(reference, compile="always", rotary="torch", norm="torch")
-    return build_impl(MODEL, impl, FIELDS, device)
+    return make_fast(reference, compile="always")  # fast_compiled(_static_launch)
 
 
 def _compile_with_static_launch(fn) -> None:

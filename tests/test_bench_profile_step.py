@@ -12,6 +12,6 @@ def test_host_profile_names_the_case_and_lists_the_step_functions():
     header, _, table = text.partition("\n")
     assert header.startswith("== transformer/rotary_qk tiny fp32 train_step, reference: ")
     assert "ms/step wall under cProfile" in header
-    # the step's own work is in the profile: the backward and the optimizer
+    # the step's own work is in the profile: its backward
     assert "run_backward" in table
     assert "Ordered by: internal time" in table
