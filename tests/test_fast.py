@@ -693,6 +693,45 @@ def test_forward_hooks_make_the_fast_model_take_its_module_path(monkeypatch):
     assert runs == [1]  # without hooks: the fast path again
 
 
+def _register_backward_hook(model, kind: str, record):
+    layer = model.transformer_encoder.layers[0]
+    if kind == "full_backward":
+        return layer.register_full_backward_hook(lambda m, gi, go: record(go[0]))
+    if kind == "full_backward_pre":
+        return layer.linear1.register_full_backward_pre_hook(lambda m, go: record(go[0]))
+    return torch.nn.modules.module.register_module_full_backward_hook(  # every module
+        lambda m, gi, go: record(go[0])
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the global one, at the ids
+@pytest.mark.parametrize("kind", ["full_backward", "full_backward_pre", "global"])
+def test_backward_hooks_fire_on_the_fast_model_as_on_the_reference(monkeypatch, kind):
+    """A full backward hook is attached when its module is called: on the fast
+    path no submodule is called, so a fast model with one takes its module
+    path, and the hook sees the gradients the reference's sees."""
+    reference, fast = reference_and_fast(small_config(positional_embedding_type="rotary_qk"))
+    runs = []
+    real_call = wf.FastRunner.__call__
+    monkeypatch.setattr(
+        wf.FastRunner, "__call__", lambda self, *a, **k: runs.append(1) or real_call(self, *a, **k)
+    )
+    ids = random_ids(3, 50, 2, 5)
+    seen = {}
+    for name, model in (("reference", reference), ("fast", fast)):
+        seen[name] = []
+        handle = _register_backward_hook(model, kind, seen[name].append)
+        try:
+            model(ids).pow(2).sum().backward()
+        finally:
+            handle.remove()
+    assert len(seen["fast"]) == len(seen["reference"]) > 0 and runs == []
+    for got, want in zip(seen["fast"], seen["reference"], strict=True):
+        torch.testing.assert_close(got, want, **FP32_GRADS)
+    fast(ids)
+    assert runs == [1]  # hooks removed: the fast path again
+
+
 @pytest.mark.parametrize("model_class, core", [("rnn", "rnn_core"), ("lstm", "lstm_core")])
 def test_recurrent_fast_models_fire_hooks_on_their_own_path(model_class, core):
     """Their fast path is the module path (cuDNN recurrence), so hooks fire
