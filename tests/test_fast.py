@@ -28,6 +28,7 @@ from wmfast import backends, build_model
 from wmfast import fast as wf
 from wmfast.check import cudnn_off_for_eval_rnn_backward
 from wmfast.fast import FastOptions, describe, make_fast, make_reference
+from wmfast.models.transformer_functional import fast_path_mismatch
 
 from .helpers import (
     AUTOCAST_LOGITS,
@@ -557,6 +558,7 @@ def test_the_fast_path_reads_the_weights_a_model_has_at_each_call():
         torch.nn.utils.parametrize.register_parametrization(
             model.transformer_encoder.layers[0].linear1, "weight", _Doubled()
         )
+    assert fast_path_mismatch(fast) is None  # a parametrization changes reads, not the math
     seen.append(fast(ids))
     torch.testing.assert_close(seen[-1], reference(ids), **FP32_LOGITS)
     for earlier, later in itertools.pairwise(seen):
@@ -730,6 +732,89 @@ def test_backward_hooks_fire_on_the_fast_model_as_on_the_reference(monkeypatch, 
         torch.testing.assert_close(got, want, **FP32_GRADS)
     fast(ids)
     assert runs == [1]  # hooks removed: the fast path again
+
+
+class _TimesTwo(torch.nn.Module):
+    """A wrapper a user might put around a submodule (a LoRA, an intervention)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        out = self.inner(*args)
+        return tuple(2 * t for t in out) if isinstance(out, tuple) else 2 * out
+
+
+def _edit(model, edit: str) -> None:
+    """One change of the module tree after building, as a user might make it."""
+    layer = model.transformer_encoder.layers[1]
+    if edit == "activation":
+        layer.activation = torch.nn.GELU()
+    elif edit == "wrapped_linear1":
+        layer.linear1 = _TimesTwo(layer.linear1)
+    elif edit == "one_dropout_p":
+        layer.dropout2.p = 0.5
+    elif edit == "one_eps":
+        layer.norm2.eps = 0.1
+    elif edit == "one_dropout_in_eval":
+        layer.dropout.eval()
+    elif edit == "rotary_removed":
+        layer.self_attn.rotary = _TimesTwo(layer.self_attn.rotary)
+    elif edit == "final_norm":
+        model.transformer_encoder.norm = torch.nn.LayerNorm(model.d_model)
+    elif edit == "padding_idx":
+        model.embedding.padding_idx = 3  # the gradient of that row is zero
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "activation",
+        "wrapped_linear1",
+        "one_dropout_p",
+        "one_eps",
+        "one_dropout_in_eval",
+        "rotary_removed",
+        "final_norm",
+        "padding_idx",
+    ],
+)
+def test_a_changed_module_tree_runs_the_module_path_with_a_warning(caplog, edit):
+    """The module path honours a module tree changed after building; the fast
+    path computes the built layers' math with one set of constants, so where
+    they differ a fast model runs its module path (and says so once), and
+    computes what the reference computes: values and gradients."""
+    positional = "rotary_qk" if edit == "rotary_removed" else "standard"
+    config = small_config(positional_embedding_type=positional, dropout=0.1)
+    reference, fast = reference_and_fast(config)
+    assert fast_path_mismatch(fast) is None
+    for model in (reference, fast):
+        _edit(model, edit)
+    ids = random_ids(4, config.d_vocab, 2, 6)
+    outputs, grads = [], []
+    with caplog.at_level(logging.WARNING, logger="wmfast"):
+        for model in (reference, fast):
+            torch.manual_seed(5)  # train mode, dropout 0.1: the same masks on the same path
+            out = model(ids)
+            outputs.append(out)
+            grads.append(torch.autograd.grad(out.pow(2).sum(), list(model.parameters())))
+        fast(ids)  # said once
+    reason = fast_path_mismatch(fast)
+    assert reason is not None and fast._fast.last_plan.attention == "none (module path)"
+    assert caplog.text.count(reason) == 1
+    assert describe(fast)["module_path_reason"] == reason
+    torch.testing.assert_close(outputs[1], outputs[0], **FP32_LOGITS)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, **FP32_GRADS)
+
+
+def test_an_unchanged_tree_keeps_the_fast_path_through_copies_and_casts():
+    for positional in ("standard", "rotary", "rotary_qk", None):
+        _, fast = reference_and_fast(small_config(positional_embedding_type=positional))
+        for model in (fast, fast.eval(), copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+            assert fast_path_mismatch(model) is None
+        assert fast_path_mismatch(fast.to(torch.bfloat16)) is None
 
 
 @pytest.mark.parametrize("model_class, core", [("rnn", "rnn_core"), ("lstm", "lstm_core")])

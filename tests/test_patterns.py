@@ -117,6 +117,10 @@ def test_bad_input_gets_clear_errors():
         attention_patterns(model, torch.full((1, 4), 50))
     with pytest.raises(ValueError, match=r"q and k must both be \(batch, seq_len"):
         attention_pattern(torch.randn(1, 4, 2, 8), torch.randn(1, 5, 2, 8))
+    # a tree changed after building: the patterns would come from other math
+    model.transformer_encoder.layers[0].activation = torch.nn.Tanh()
+    with pytest.raises(ValueError, match=r"layers\.0\.activation is Tanh\(\), not relu"):
+        attention_patterns(model, random_ids(1, 50, 1, 4))
 
 
 @pytest.mark.nnsight

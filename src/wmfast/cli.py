@@ -49,6 +49,8 @@ def _ran(model) -> str:
         return "reference"
     if ran.get("attention") == "none (recurrent)":
         return "module path (cuDNN on CUDA)"
+    if ran.get("module_path_reason"):
+        return f"module path ({ran['module_path_reason']})"
     if ran.get("compiled_with_grad"):
         compiled = "compiled"
     elif ran.get("compiled_no_grad"):

@@ -41,6 +41,7 @@ from wmfast.models.transformer_functional import (
     Statics,
     TransformerWeights,
     _torch_embedding_rotation,
+    fast_path_mismatch,
     gather_weights,
     statics_of,
     torch_add_norm,
@@ -259,6 +260,9 @@ class FastRunner:
         if not isinstance(model, TransformerModel):
             self.last_plan = self.plan(model)
             return model.forward_modules(input_ids)  # cuDNN recurrence: see module docstring
+        mismatch = fast_path_mismatch(model)
+        if mismatch is not None:
+            return self._module_path(model, input_ids, mismatch)
         plan = self.plan(model, input_ids.device)
         if record is not None:
             plan = plan._replace(compiled=False)
@@ -299,6 +303,21 @@ class FastRunner:
         out = forward(*args, **kwargs)
         logger.info("wmfast: first fast call took %.1f s", time.perf_counter() - start)
         return out
+
+    def _module_path(self, model: nn.Module, input_ids: torch.Tensor, mismatch: str):
+        """The reference's computation, for a module tree the fast path does not
+        compute (wmfast.models.transformer_functional.fast_path_mismatch)."""
+        if mismatch not in self._announced:
+            self._announced.add(mismatch)
+            logger.warning(
+                "wmfast: %s, which the fast path does not compute: this fast model runs its "
+                "module path (the reference's computation and speed) while that holds",
+                mismatch,
+            )
+        self.last_plan = Plan(
+            compiled=False, rotary="none", attention="none (module path)", norm="none"
+        )
+        return model.forward_modules(input_ids)
 
 
 def is_fast(model: nn.Module) -> bool:
@@ -361,10 +380,14 @@ def describe(model: nn.Module, device: torch.device | str | None = None) -> dict
     device = torch.device(device) if device is not None else next(model.parameters()).device
     training = runner.plan(model, device, grad_enabled=True)
     inference = runner.plan(model, device, grad_enabled=False)
+    transformer = isinstance(model, TransformerModel)
     return {
         "variant": "fast",
         "device": str(device),
         "options": dataclasses.asdict(runner.options),
+        # set where the module tree was changed so that the fast path would
+        # compute another function: the model then runs its module path
+        "module_path_reason": fast_path_mismatch(model) if transformer else None,
         "compiled_with_grad": training.compiled,
         "compiled_no_grad": inference.compiled,
         "rotary": inference.rotary,

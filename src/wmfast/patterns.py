@@ -27,7 +27,12 @@ from wmfast.attention_backends import sdpa_causal
 from wmfast.interp import unwrap
 from wmfast.models.inputs import check_input_ids
 from wmfast.models.transformer import TransformerModel
-from wmfast.models.transformer_functional import gather_weights, statics_of, transformer_forward
+from wmfast.models.transformer_functional import (
+    fast_path_mismatch,
+    gather_weights,
+    statics_of,
+    transformer_forward,
+)
 
 
 def attention_pattern(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -59,6 +64,13 @@ def attention_patterns(model: TransformerModel, input_ids: torch.Tensor) -> list
             "(RNN/LSTM models have no attention)"
         )
     check_input_ids(input_ids, model.d_vocab, model.n_ctx_limit, model.check_token_ids)
+    mismatch = fast_path_mismatch(model)
+    if mismatch is not None:
+        raise ValueError(
+            f"attention_patterns computes the built layers' math from the weights, but "
+            f"{mismatch}; take q and k from an nnsight trace instead and call "
+            f"attention_pattern(q, k)"
+        )
     patterns: list[torch.Tensor] = []
 
     def attend(q, k, v, dropout_p):

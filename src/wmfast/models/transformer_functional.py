@@ -17,8 +17,18 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from torch.nn.utils import parametrize
 
 from wmfast import functional as WF
+from wmfast.models.attention import QKRotary, RotarySelfAttention
+from wmfast.models.positional import (
+    LearnedPositionalEmbedding,
+    RotaryEmbeddingRotation,
+    RotaryQKTables,
+)
+from wmfast.models.transformer import RotaryEncoderLayer, RotaryTransformerEncoder
 from wmfast.ops.mlp_eager import relu_mlp
 
 
@@ -127,6 +137,97 @@ def statics_of(model) -> Statics:
         eps=float(first["norm1"].eps),
         training=model.training,
     )
+
+
+# what transformer_forward computes, per positional type: these exact classes
+# (a subclass may override forward), with the constants of Statics in every layer
+_POS_ENCODERS = {
+    None: type(None),
+    "standard": LearnedPositionalEmbedding,
+    "rotary": RotaryEmbeddingRotation,
+    "rotary_qk": RotaryQKTables,
+}
+_LAYER_PARTS = {
+    "linear1": nn.Linear,
+    "linear2": nn.Linear,
+    "norm1": nn.LayerNorm,
+    "norm2": nn.LayerNorm,
+    "dropout": nn.Dropout,
+    "dropout1": nn.Dropout,
+    "dropout2": nn.Dropout,
+}
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+def _is(module, cls) -> bool:
+    """``module`` is a ``cls`` exactly, or the subclass torch.nn.utils.parametrize
+    makes of it (which changes how its weights read, not its forward; the fast
+    path reads them through getattr too)."""
+    kind = type(module)
+    return kind is cls or (kind.__bases__ == (cls,) and parametrize.is_parametrized(module))
+
+
+def fast_path_mismatch(model) -> str | None:
+    """Why transformer_forward would not compute what ``model``'s module tree
+    computes, or None when it does.
+
+    The module path honours whatever a user changed after building: a
+    replaced activation or submodule, one Dropout's p, one LayerNorm's eps.
+    transformer_forward computes the layer classes' own math with one set of
+    constants (``statics_of`` reads them from the first layer), so the fast
+    runner checks this on every call (6-9 us for two layers) and takes the
+    module path where it finds a difference, rather than compute another
+    function."""
+    kind = model.positional_embedding_type
+    rotary_qk = kind == "rotary_qk"
+    modules = model._modules  # (no pos_encoder module: None, a plain attribute)
+    if type(modules.get("pos_encoder")) is not _POS_ENCODERS[kind]:
+        return f"pos_encoder is a {type(modules.get('pos_encoder')).__name__}"
+    emb, output = modules["embedding"], modules["output_layer"]
+    if not (_is(emb, nn.Embedding) and _is(output, nn.Linear)):
+        return "embedding or output_layer was replaced"
+    if emb.padding_idx is not None or emb.max_norm is not None or emb.scale_grad_by_freq:
+        return "embedding has padding_idx, max_norm or scale_grad_by_freq set"
+    encoder = modules["transformer_encoder"]
+    if type(encoder) is not (RotaryTransformerEncoder if rotary_qk else nn.TransformerEncoder):
+        return f"transformer_encoder is a {type(encoder).__name__}"
+    if encoder.norm is not None:
+        return "transformer_encoder has a final norm"
+    first = None
+    for i, layer in enumerate(_encoder_layers(model)):
+        path = f"transformer_encoder.layers.{i}"
+        if type(layer) is not (RotaryEncoderLayer if rotary_qk else nn.TransformerEncoderLayer):
+            return f"{path} is a {type(layer).__name__}"
+        parts = layer._modules
+        for name, cls in _LAYER_PARTS.items():
+            if not _is(parts[name], cls):
+                return f"{path}.{name} is a {type(parts[name]).__name__}"
+        attn = parts["self_attn"]
+        if not _is(attn, RotarySelfAttention if rotary_qk else nn.MultiheadAttention):
+            return f"{path}.self_attn is a {type(attn).__name__}"
+        if not _is(attn._modules["out_proj"], NonDynamicallyQuantizableLinear):
+            return f"{path}.self_attn.out_proj is a {type(attn._modules['out_proj']).__name__}"
+        if rotary_qk and type(attn._modules["rotary"]) is not QKRotary:
+            return f"{path}.self_attn.rotary is a {type(attn._modules['rotary']).__name__}"
+        if layer.activation is not _ACTIVATIONS[model.config.act_fn]:
+            return f"{path}.activation is {layer.activation!r}, not {model.config.act_fn}"
+        if layer.norm_first:
+            return f"{path}.norm_first is True"
+        drop, drop1, drop2 = parts["dropout"], parts["dropout1"], parts["dropout2"]
+        mode = model.training
+        if not (
+            attn.training is mode and drop.training is drop1.training is drop2.training is mode
+        ):
+            return f"{path} has a dropout in another train/eval mode than the model"
+        constants = (
+            attn.num_heads,
+            *{attn.dropout, drop.p, drop1.p, drop2.p},  # one value, if all agree
+            *{parts["norm1"].eps, parts["norm2"].eps},
+        )
+        first = first or constants
+        if len(constants) != 3 or constants != first:
+            return f"{path}'s heads, dropout p or LayerNorm eps differ from the model's others"
+    return None
 
 
 RotateQK = Callable[..., tuple[torch.Tensor, torch.Tensor]]
