@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 from wmfast import build_model
 from wmfast.check import envoy_at, reached_paths, trace_ablation
 from wmfast.fast import make_fast
-from wmfast.interp import trace_active
+from wmfast.interp import hooks_registered, trace_active
 
 from .helpers import FP32_GRADS, FP32_LOGITS, POSITIONAL_TYPES, random_ids, small_config
 
@@ -190,6 +190,25 @@ def test_trace_active_tracks_nnsight(NNsight):
     assert seen == [False, True, False]
     assert out.shape == (1, 3, 50)
     assert not trace_active(build_model(small_config()))  # a model nnsight never saw
+
+
+def test_hooks_registered_finds_hooks_anywhere_in_the_tree_and_on_shared_modules():
+    model = build_model(small_config(positional_embedding_type="standard"))
+    layers = model.transformer_encoder.layers
+    layers[1].linear2 = layers[0].linear2  # one module held twice
+    assert not hooks_registered(model)
+    for module, register in (
+        (layers[0].linear2, "register_forward_hook"),
+        (layers[1].self_attn.out_proj, "register_full_backward_pre_hook"),
+        (model.output_layer, "register_forward_pre_hook"),
+    ):
+        handle = getattr(module, register)(lambda *args: None)
+        assert hooks_registered(model)
+        handle.remove()
+        assert not hooks_registered(model)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    assert hooks_registered(model)
+    handle.remove()
 
 
 def test_traces_compile_nothing_and_compiled_code_is_used_after(NNsight, monkeypatch):
