@@ -58,6 +58,12 @@ def fp32(value):
     return tl.cast(value, tl.float32)
 
 
+def no_wrap(kernel):
+    """A launcher's ``wrap`` for plain launches: the kernel itself. Registered
+    triton_ops pass ``torch.library.wrap_triton`` instead, so Inductor sees it."""
+    return kernel
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Every tensor on one device, and a device the kernels can run on."""
     devices = {t.device for t in tensors}

@@ -32,6 +32,7 @@ from wmfast.kernels._triton import (
     check_dtype,
     check_interpreter_runs_loops,
     fp32,
+    no_wrap,
     tl,
     triton,
 )
@@ -192,10 +193,6 @@ def _bias_ffn_norms_bwd_kernel(
     tl.store(share + 4 * step, d_b2, mask=col_ok)
 
 
-def _identity(kernel):
-    return kernel
-
-
 def check_bias_ffn_norms(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -255,7 +252,7 @@ def bias_ffn_norms_fwd_launch(
     s: torch.Tensor | None,
     keep1: torch.Tensor | None,
     keep2: torch.Tensor | None,
-    wrap: Callable = _identity,
+    wrap: Callable = no_wrap,
 ) -> None:
     """out (and low, if given) = norm2(norm1(x + dropout(y)) + dropout(ffn_bias));
     s (the first sum) and the masks (if given) for the backward. Dropout runs
@@ -304,7 +301,7 @@ def bias_ffn_norms_bwd_launch(
     eps: float,
     d_x: torch.Tensor,
     d_y: torch.Tensor,
-    wrap: Callable = _identity,
+    wrap: Callable = no_wrap,
 ) -> torch.Tensor:
     """Write the gradients of x and y; return those of PARAM_GRADS as one
     (5, d) fp32 tensor (summed over the programs' shares)."""

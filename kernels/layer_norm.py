@@ -40,6 +40,7 @@ from wmfast.kernels._triton import (
     check_dtype,
     check_interpreter_runs_loops,
     fp32,
+    no_wrap,
     tl,
     triton,
 )
@@ -204,10 +205,6 @@ def _dropout_add_layer_norm_bwd_kernel(
     tl.store(d_b_part_ptr + pid * n_cols + cols, d_b, mask=col_ok)
 
 
-def _identity(kernel):
-    return kernel
-
-
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """t as (rows, n_cols) with unit column stride: a view when its layout allows
     (contiguous, or rows broadcast with stride 0), else a contiguous copy."""
@@ -278,7 +275,7 @@ def dropout_add_layer_norm_fwd_launch(
     low: torch.Tensor | None,
     s: torch.Tensor | None,
     keep: torch.Tensor | None,
-    wrap: Callable = _identity,
+    wrap: Callable = no_wrap,
 ) -> None:
     """out (and low, if given) = layer_norm(x + dropout(y)); s and keep (if given) for
     the backward. Dropout runs when ``seed`` (an int64 tensor of one element on
@@ -331,7 +328,7 @@ def dropout_add_layer_norm_bwd_launch(
     eps: float,
     d_x: torch.Tensor,
     d_y: torch.Tensor,
-    wrap: Callable = _identity,
+    wrap: Callable = no_wrap,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write the gradients of x and y (s's gradient, in d_x's and d_y's dtypes, the
     latter through the dropout mask) and return those of weight and bias (fp32)."""

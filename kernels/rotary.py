@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from wmfast.kernels._triton import check_device, check_dtype, fp32, tl, triton
+from wmfast.kernels._triton import check_device, check_dtype, fp32, no_wrap, tl, triton
 
 MAX_HEAD_DIM = 256
 TableStrides = tuple[int, int, int]  # a cos/sin table's (batch, position, feature) strides
@@ -182,10 +182,6 @@ def _embedding_rotation_kernel(
     tl.store(dst + HALF * o_sd, o2.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _identity(kernel):
-    return kernel
-
-
 def _table_strides(
     name: str, table: torch.Tensor, batch: int, seq_len: int, half: int
 ) -> TableStrides:
@@ -256,7 +252,7 @@ def rotary_qk_launch(
     q_out: torch.Tensor,
     k_out: torch.Tensor,
     conj: bool = False,
-    wrap: Callable = _identity,
+    wrap: Callable = no_wrap,
 ) -> None:
     """Rotate q and k (B, T, H, D) into q_out and k_out (which may be q and k)."""
     cos_strides, sin_strides = check_rotary_qk(q, k, cos, sin)
@@ -283,7 +279,7 @@ def rotary_qk_packed_grad_launch(
     cos: torch.Tensor,
     sin: torch.Tensor,
     out: torch.Tensor,
-    wrap: Callable = _identity,
+    wrap: Callable = no_wrap,
 ) -> None:
     """out (B, T, 3, H, D) = (d_q and d_k rotated by the negative angle, d_v):
     the packed projection's gradient when q and k were rotated (B, T, H, D each)."""
@@ -340,7 +336,7 @@ def embedding_rotation_launch(
     scale: float = 1.0,
     add_input: bool = True,
     conj: bool = False,
-    wrap: Callable = _identity,
+    wrap: Callable = no_wrap,
 ) -> None:
     """out = s + rotate(s) (add_input) or rotate(s), with s = x * scale; x: (B, T, d)."""
     cos_strides, sin_strides = check_embedding_rotation(x, cos, sin)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, triton_op, wrap_triton
 
+from wmfast.kernels._triton import no_wrap
 from wmfast.kernels.bias_ffn_norms import (
     PARAM_GRADS,
     bias_ffn_norms_bwd_launch,
@@ -37,7 +38,7 @@ from wmfast.kernels.bias_ffn_norms import (
     check_bias_ffn_norms,
 )
 from wmfast.ops._eager import launch_eagerly, records_grad
-from wmfast.ops.layer_norm import _empty, _no_wrap, dropout_add_layer_norm, norm_output_dtype
+from wmfast.ops.layer_norm import _empty, dropout_add_layer_norm, norm_output_dtype
 
 Tensor = torch.Tensor
 
@@ -89,7 +90,7 @@ def _forward_opaque(
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(
-        x, y, w1, b1, c, w2, b2, seeds, p, eps, out_dtype, low_dtype, save, _no_wrap
+        x, y, w1, b1, c, w2, b2, seeds, p, eps, out_dtype, low_dtype, save, no_wrap
     )
 
 
@@ -145,7 +146,7 @@ def _backward_opaque(
     y_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _backward_impl(
-        d_out, d_low, s, keep1, keep2, w1, b1, c, w2, p, eps, x_dtype, y_dtype, _no_wrap
+        d_out, d_low, s, keep1, keep2, w1, b1, c, w2, p, eps, x_dtype, y_dtype, no_wrap
     )
 
 
@@ -195,7 +196,7 @@ def _backward(ctx, d_out, d_low, _d_s, _d_keep1, _d_keep2):
     args = (d_out, d_low, s, keep1, keep2, w1, b1, c, w2, *ctx.args)
     tensors = [t for t in args[:9] if t is not None]
     if launch_eagerly(*tensors):
-        d_x, d_y, grads = _backward_impl(*args, _no_wrap)
+        d_x, d_y, grads = _backward_impl(*args, no_wrap)
     else:
         backward = _backward_traceable if s.is_cuda else _backward_opaque
         d_x, d_y, grads = backward(*args)
@@ -218,7 +219,7 @@ class _BiasFfnNormsEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, w1, b1, c, w2, b2, seeds, p, eps, out_dtype, low_dtype, save):
         inputs = (x, y, w1, b1, c, w2, b2, seeds, p, eps, out_dtype, low_dtype, save)
-        outputs = _forward_impl(*inputs, _no_wrap)  # the launcher checks the inputs
+        outputs = _forward_impl(*inputs, no_wrap)  # the launcher checks the inputs
         ctx.mark_non_differentiable(*outputs[2:])  # s and the masks: for the backward only
         if save:
             _setup(ctx, inputs, outputs)
@@ -273,5 +274,5 @@ def bias_ffn_norms(
     elif save:
         out, low, *_ = _BiasFfnNormsEager.apply(*args)
     else:  # nothing to record for autograd (no_grad): the launcher alone
-        out, low, *_ = _forward_impl(*args, _no_wrap)
+        out, low, *_ = _forward_impl(*args, no_wrap)
     return out, (low if low_dtype is not None else out)

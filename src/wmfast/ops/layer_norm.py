@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, triton_op, wrap_triton
 
+from wmfast.kernels._triton import no_wrap
 from wmfast.kernels.layer_norm import (
     check_dropout_add_layer_norm,
     dropout_add_layer_norm_bwd_launch,
@@ -27,10 +28,6 @@ from wmfast.kernels.layer_norm import (
 from wmfast.ops._eager import launch_eagerly, records_grad
 
 Tensor = torch.Tensor
-
-
-def _no_wrap(kernel):
-    return kernel
 
 
 def _empty(x: Tensor, dtype: torch.dtype, wanted: bool = True) -> Tensor:
@@ -87,7 +84,7 @@ def _forward_opaque(
     low_dtype: torch.dtype | None,
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(x, y, weight, bias, seed, p, eps, out_dtype, low_dtype, save, _no_wrap)
+    return _forward_impl(x, y, weight, bias, seed, p, eps, out_dtype, low_dtype, save, no_wrap)
 
 
 @_forward_opaque.register_fake
@@ -131,7 +128,7 @@ def _backward_opaque(
     x_dtype: torch.dtype,
     y_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward_impl(d_out, d_low, s, keep, weight, p, eps, x_dtype, y_dtype, _no_wrap)
+    return _backward_impl(d_out, d_low, s, keep, weight, p, eps, x_dtype, y_dtype, no_wrap)
 
 
 @_backward_opaque.register_fake
@@ -174,7 +171,7 @@ def _backward(ctx, d_out, d_low, _d_s, _d_keep):
     p, eps, x_dtype, y_dtype, w_dtype, b_dtype = ctx.args
     args = (d_out, d_low, s, keep, weight, p, eps, x_dtype, y_dtype)
     if launch_eagerly(*(t for t in args[:5] if t is not None)):
-        d_x, d_y, d_w, d_b = _backward_impl(*args, _no_wrap)
+        d_x, d_y, d_w, d_b = _backward_impl(*args, no_wrap)
     else:
         backward = _backward_traceable if s.is_cuda else _backward_opaque
         d_x, d_y, d_w, d_b = backward(*args)
@@ -192,7 +189,7 @@ class _DropoutAddLayerNormEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, weight, bias, seed, p, eps, out_dtype, low_dtype, save):
         inputs = (x, y, weight, bias, seed, p, eps, out_dtype, low_dtype, save)
-        outputs = _forward_impl(*inputs, _no_wrap)  # the launcher checks the inputs
+        outputs = _forward_impl(*inputs, no_wrap)  # the launcher checks the inputs
         ctx.mark_non_differentiable(*outputs[2:])  # s and keep: for the backward only
         if save:
             _setup(ctx, inputs, outputs)
@@ -237,5 +234,5 @@ def dropout_add_layer_norm(
     elif save:
         out, low, _, _ = _DropoutAddLayerNormEager.apply(*args)
     else:  # nothing to record for autograd (no_grad): the launcher alone
-        out, low, _, _ = _forward_impl(*args, _no_wrap)
+        out, low, _, _ = _forward_impl(*args, no_wrap)
     return out, (low if low_dtype is not None else out)

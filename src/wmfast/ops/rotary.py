@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, triton_op, wrap_triton
 
+from wmfast.kernels._triton import no_wrap
 from wmfast.kernels.rotary import (
     check_embedding_rotation,
     check_rotary_qk,
@@ -49,10 +50,6 @@ def _new(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _no_wrap(kernel):
-    return kernel
-
-
 # -- rotary_qk: RoPE on q and k, out of place ----------------------------------------
 
 
@@ -66,7 +63,7 @@ def _rotary_qk_impl(q, k, cos, sin, conj, wrap) -> tuple[Tensor, Tensor]:
 def _rotary_qk_opaque(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, conj: bool
 ) -> tuple[Tensor, Tensor]:
-    return _rotary_qk_impl(q, k, cos, sin, conj, _no_wrap)
+    return _rotary_qk_impl(q, k, cos, sin, conj, no_wrap)
 
 
 @_rotary_qk_opaque.register_fake
@@ -136,7 +133,7 @@ class _RotaryQKEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, conj):
-        outputs = _rotary_qk_impl(q, k, cos, sin, conj, _no_wrap)  # the launcher checks
+        outputs = _rotary_qk_impl(q, k, cos, sin, conj, no_wrap)  # the launcher checks
         _rotary_qk_setup(ctx, (q, k, cos, sin, conj), outputs)
         return outputs
 
@@ -155,7 +152,7 @@ def rotary_qk(
     if launch_eagerly(q, k, cos, sin):
         if records_grad(q, k, cos, sin):
             return _RotaryQKEager.apply(q, k, cos, sin, conj)
-        return _rotary_qk_impl(q, k, cos, sin, conj, _no_wrap)  # e.g. in the backward
+        return _rotary_qk_impl(q, k, cos, sin, conj, no_wrap)  # e.g. in the backward
     check_rotary_qk(q, k, cos, sin)  # before dispatch: the same error under torch.compile
     return _rotary_qk_op(q)(q, k, cos, sin, conj)
 
@@ -172,7 +169,7 @@ def _packed_grad_impl(d_q, d_k, d_v, cos, sin, wrap) -> Tensor:
 
 @custom_op("wmfast::rotary_qk_packed_grad", mutates_args=())
 def _packed_grad_opaque(d_q: Tensor, d_k: Tensor, d_v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return _packed_grad_impl(d_q, d_k, d_v, cos, sin, _no_wrap)
+    return _packed_grad_impl(d_q, d_k, d_v, cos, sin, no_wrap)
 
 
 @_packed_grad_opaque.register_fake
@@ -189,7 +186,7 @@ def _packed_grad_traceable(
 
 def _rotary_qk_packed_grad(d_q, d_k, d_v, cos, sin) -> Tensor:
     if launch_eagerly(d_q, d_k, d_v, cos, sin):
-        return _packed_grad_impl(d_q, d_k, d_v, cos, sin, _no_wrap)
+        return _packed_grad_impl(d_q, d_k, d_v, cos, sin, no_wrap)
     check_rotary_qk(d_q, d_k, cos, sin)
     op = _packed_grad_traceable if d_q.is_cuda else _packed_grad_opaque
     return op(d_q, d_k, d_v, cos, sin)
@@ -207,7 +204,7 @@ class _RotaryQKVPacked(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin):
         q, k, v = qkv.unbind(2)
         if launch_eagerly(qkv, cos, sin):
-            q_rot, k_rot = _rotary_qk_impl(q, k, cos, sin, False, _no_wrap)
+            q_rot, k_rot = _rotary_qk_impl(q, k, cos, sin, False, no_wrap)
         else:
             check_rotary_qk(q, k, cos, sin)
             q_rot, k_rot = _rotary_qk_op(q)(q, k, cos, sin, False)
@@ -290,7 +287,7 @@ def _embedding_rotation_impl(x, cos, sin, scale, add_input, conj, wrap) -> Tenso
 def _embedding_rotation_opaque(
     x: Tensor, cos: Tensor, sin: Tensor, scale: float, add_input: bool, conj: bool
 ) -> Tensor:
-    return _embedding_rotation_impl(x, cos, sin, scale, add_input, conj, _no_wrap)
+    return _embedding_rotation_impl(x, cos, sin, scale, add_input, conj, no_wrap)
 
 
 @_embedding_rotation_opaque.register_fake
@@ -334,7 +331,7 @@ class _EmbeddingRotationEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, scale, add_input, conj):
-        out = _embedding_rotation_impl(x, cos, sin, scale, add_input, conj, _no_wrap)
+        out = _embedding_rotation_impl(x, cos, sin, scale, add_input, conj, no_wrap)
         _embedding_rotation_setup(ctx, (x, cos, sin, scale, add_input, conj), out)
         return out
 
@@ -358,7 +355,7 @@ def embedding_rotation(
     if launch_eagerly(x, cos, sin):
         if records_grad(x, cos, sin):
             return _EmbeddingRotationEager.apply(x, cos, sin, float(scale), add_input, conj)
-        return _embedding_rotation_impl(x, cos, sin, float(scale), add_input, conj, _no_wrap)
+        return _embedding_rotation_impl(x, cos, sin, float(scale), add_input, conj, no_wrap)
     check_embedding_rotation(x, cos, sin)
     op = _embedding_rotation_traceable if x.is_cuda else _embedding_rotation_opaque
     return op(x, cos, sin, float(scale), add_input, conj)
