@@ -447,6 +447,27 @@ def test_the_triton_norm_serves_compiled_cuda_training_only():
     assert forced.plan(model, cpu, grad_enabled=False).norm == "triton"
 
 
+@pytest.mark.triton
+def test_auto_picks_kernels_only_for_the_dtypes_they_take():
+    from wmfast.kernels._triton import STORAGE_DTYPES
+
+    assert set(backends.KERNEL_DTYPES) == set(STORAGE_DTYPES)
+    cuda, runner = torch.device("cuda"), wf.FastRunner()
+    # an fp64 model (a ground truth for error budgets) runs the torch math on
+    # CUDA instead of failing in a kernel's dtype check
+    for positional in ("rotary", "rotary_qk"):
+        model = build_model(small_config(positional_embedding_type=positional)).double()
+        for grad in (True, False):
+            plan = runner.plan(model, cuda, grad_enabled=grad)
+            assert (plan.rotary, plan.norm) == ("torch", "torch"), (positional, grad)
+        model.to(torch.bfloat16)
+        assert runner.plan(model, cuda, grad_enabled=True).norm == "triton"
+    # the traced path asks per tensor: rotary_qk's q is autocast's dtype there
+    assert backends.resolve_rotary("auto", cuda, torch.float64) == "torch"
+    assert backends.resolve_rotary("auto", cuda, torch.bfloat16) == "triton"
+    assert backends.resolve_rotary("triton", cuda, torch.float64) == "triton"  # a choice: kept
+
+
 def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
     config = small_config(positional_embedding_type="rotary")
     reference, fast = reference_and_fast(config, dynamic=True)
@@ -970,8 +991,9 @@ def test_missing_triton_or_flash_attn_is_a_clear_error_not_a_fallback(monkeypatc
     fast = build_model(small_config(), fast_options=FastOptions(attention="flash_attn"))
     with pytest.raises(ImportError, match="flash-attn"):
         fast(random_ids(0, 50, 1, 4))
-    assert backends.resolve_rotary("auto", torch.device("cuda")) == "torch"  # auto: documented rule
-    assert backends.resolve_norm("auto", torch.device("cuda"), compiled_training=True) == "torch"
+    cuda = torch.device("cuda")
+    assert backends.resolve_rotary("auto", cuda, torch.float32) == "torch"  # the documented rule
+    assert backends.resolve_norm("auto", cuda, torch.float32, compiled_training=True) == "torch"
 
 
 def test_device_rules():

@@ -95,3 +95,20 @@ def test_embedding_rotation_keeps_dtype_and_does_fp32_math():
     low = WF.embedding_rotation(x.bfloat16(), inv)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), full, rtol=2e-2, atol=2e-2)
+
+
+def test_rotation_of_fp64_keeps_fp64_precision():
+    # an fp64 model (a ground truth for fp32 error budgets) must not lose
+    # precision in the rotation: only the angles are fp32, as in every dtype
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, 3, 16, dtype=torch.float64, generator=gen)
+    cos, sin = WF.rotary_qk_tables(2, 6, WF.rotary_inv_freq(16))
+    got, _ = WF.rotary_qk(x, x, cos, sin)
+    c, s = cos.double()[:, :, None], sin.double()[:, :, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    want = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    full = WF.embedding_rotation(x[:, :, 0], WF.rotary_inv_freq(16))
+    assert full.dtype == torch.float64
+    assert not torch.equal(full, full.float().double())  # not rounded through fp32

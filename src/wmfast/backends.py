@@ -8,7 +8,8 @@ report what the rules picked.
 =============  ===========================================================
 choice         rule for "auto"
 =============  ===========================================================
-rotary         "triton" on CUDA tensors when triton is installed, else
+rotary         "triton" on CUDA tensors of a KERNEL_DTYPES dtype when
+               triton is installed, else
                "torch" (the same math in PyTorch, in few kernels when not
                compiled: wmfast.ops.rotary_eager; on CPU the Triton
                interpreter would be far slower than PyTorch). One
@@ -24,7 +25,8 @@ compile        CUDA: always. CPU: only with grad disabled (inference):
 norm           "triton" (wmfast.ops.layer_norm: layer_norm(x + dropout(y))
                in one pass forward and one backward, with the bf16 copy
                for the next products) in compiled CUDA calls with grad
-               enabled when triton is installed; else "torch" (as the
+               enabled, for weights of a KERNEL_DTYPES dtype, when triton
+               is installed; else "torch" (as the
                reference writes it; compiled, Inductor fuses it). H100,
                SIR shape, bf16: the op's forward + backward 1.36 ms against
                Inductor's 1.99, the training step 21.0 ms against 23.2
@@ -58,6 +60,12 @@ ROTARY_IMPLS = ("auto", "triton", "torch")
 NORM_IMPLS = ("auto", "torch", "triton")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash_attn")
 COMPILE_CHOICES = ("auto", "always", "never")
+
+# The storage dtypes wmfast's Triton kernels take (kernels/_triton.py's
+# STORAGE_DTYPES, named here so that this module imports no triton). "auto"
+# picks a kernel only for these: an fp64 model (a ground truth for error
+# budgets) runs the torch math instead of failing in the kernel's dtype check.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @cache
@@ -106,12 +114,14 @@ FUSED_NORMS_AT_D_MLP_0 = True
 def resolve_rotary(
     choice: str,
     device: torch.device,
+    dtype: torch.dtype,
     positional: str | None = None,
     compiled_training: bool = False,
 ) -> str:
-    """ "triton" or "torch" for rotary math on ``device``; ``positional`` is the
-    model's positional type, ``compiled_training`` whether the call is a
-    compiled one with grad enabled."""
+    """ "triton" or "torch" for rotary math on ``device`` for tensors of
+    ``dtype``; ``positional`` is the model's positional type,
+    ``compiled_training`` whether the call is a compiled one with grad
+    enabled."""
     if choice == "triton" and not triton_installed():
         raise ImportError(
             "rotary='triton' needs triton: pip install 'wmfast[triton]' (or use rotary='torch')"
@@ -120,20 +130,26 @@ def resolve_rotary(
         return choice
     if positional == "rotary" and compiled_training:
         return COMPILED_TRAINING_EMBEDDING_ROTATION
-    return "triton" if device.type == "cuda" and triton_installed() else "torch"
+    return "triton" if _kernels_take(device, dtype) else "torch"
 
 
-def resolve_norm(choice: str, device: torch.device, compiled_training: bool = False) -> str:
-    """ "torch" or "triton" for the add & norm after each block;
-    ``compiled_training``: a compiled call with grad enabled."""
+def resolve_norm(
+    choice: str, device: torch.device, dtype: torch.dtype, compiled_training: bool = False
+) -> str:
+    """ "torch" or "triton" for the add & norm after each block, for weights of
+    ``dtype``; ``compiled_training``: a compiled call with grad enabled."""
     if choice == "auto":
-        use_triton = device.type == "cuda" and compiled_training and triton_installed()
-        return "triton" if use_triton else "torch"
+        return "triton" if compiled_training and _kernels_take(device, dtype) else "torch"
     if choice == "triton" and not triton_installed():
         raise ImportError(
             "norm='triton' needs triton: pip install 'wmfast[triton]' (or use norm='torch')"
         )
     return choice
+
+
+def _kernels_take(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether "auto" may pick a Triton kernel for tensors of ``dtype`` on ``device``."""
+    return device.type == "cuda" and dtype in KERNEL_DTYPES and triton_installed()
 
 
 def resolve_attention(choice: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -235,11 +235,15 @@ class FastRunner:
             # torch.func (per-sample gradients, Jacobians): the plain math only
             return Plan(compiled=False, rotary="torch" if rotates else "none", attention="sdpa")
         compiled = backends.resolve_compile(self.options.compile, device, grad)
+        # the weights' dtype, not autocast's: the embedding rotation and the
+        # residual stream stay in it under autocast
+        weight_dtype = model.embedding.weight.dtype
         rotary = "none"
         if rotates:
             rotary = backends.resolve_rotary(
                 self.options.rotary,
                 device,
+                weight_dtype,
                 model.positional_embedding_type,
                 compiled_training=compiled and grad,
             )
@@ -249,7 +253,9 @@ class FastRunner:
             attention=backends.resolve_attention(
                 self.options.attention, device, _compute_dtype(model, device)
             ),
-            norm=backends.resolve_norm(self.options.norm, device, compiled and grad),
+            norm=backends.resolve_norm(
+                self.options.norm, device, weight_dtype, compiled_training=compiled and grad
+            ),
         )
 
     def __call__(

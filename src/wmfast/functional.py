@@ -55,11 +55,13 @@ def rotary_tables(seq_len: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, t
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (j, j + D/2) of x's last dim by the angle whose cos/sin is
-    at index j: the one rotation both rotary types apply. fp32 math, x's dtype out.
+    at index j: the one rotation both rotary types apply. The math runs in fp32,
+    or in x's dtype where that is wider (an fp64 model keeps fp64 precision;
+    its tables stay fp32 angles, as in every dtype); x's dtype out.
 
     cos, sin: (..., D/2) fp32, broadcastable against x's leading dims.
     """
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
 
@@ -96,6 +98,6 @@ def rotary_qk(
     cos, sin: (B, T, D/2) fp32; a batch stride of 0 (a broadcast table) is fine.
     Returns new tensors (B, T, H, D) in the input dtype; math is fp32.
     """
-    c = cos.unsqueeze(-2).float()  # (B, T, 1, D/2): the same angle for every head
-    s = sin.unsqueeze(-2).float()
+    c = cos.unsqueeze(-2)  # (B, T, 1, D/2): the same angle for every head
+    s = sin.unsqueeze(-2)
     return rotate_pairs(q, c, s), rotate_pairs(k, c, s)

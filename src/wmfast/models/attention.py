@@ -32,7 +32,7 @@ class QKRotary(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q, k: (B, T, H, D); cos, sin: (B, T, D/2) fp32
-        if resolve_rotary(self.rotary_impl, q.device) == "triton":
+        if resolve_rotary(self.rotary_impl, q.device, q.dtype) == "triton":
             from wmfast.ops.rotary import rotary_qk
 
             return rotary_qk(q, k, cos, sin)

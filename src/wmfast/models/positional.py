@@ -73,7 +73,7 @@ class RotaryEmbeddingRotation(_FP32InvFreq):
     rotary_impl = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if resolve_rotary(self.rotary_impl, x.device) == "triton":
+        if resolve_rotary(self.rotary_impl, x.device, x.dtype) == "triton":
             from wmfast.ops.rotary import embedding_rotation
 
             cos, sin = WF.rotary_tables(x.shape[1], self.inv_freq)
