@@ -786,6 +786,10 @@ def _edit(model, edit: str) -> None:
         model.transformer_encoder.norm = torch.nn.LayerNorm(model.d_model)
     elif edit == "padding_idx":
         model.embedding.padding_idx = 3  # the gradient of that row is zero
+    elif edit == "removed_bias":  # at d_mlp 0 the block is this bias: it crashed
+        layer.linear2.bias = None
+    elif edit == "norm_without_affine":
+        layer.norm1.weight = layer.norm1.bias = None
 
 
 @pytest.mark.parametrize(
@@ -799,6 +803,8 @@ def _edit(model, edit: str) -> None:
         "rotary_removed",
         "final_norm",
         "padding_idx",
+        "removed_bias",
+        "norm_without_affine",
     ],
 )
 def test_a_changed_module_tree_runs_the_module_path_with_a_warning(caplog, edit):
@@ -807,7 +813,8 @@ def test_a_changed_module_tree_runs_the_module_path_with_a_warning(caplog, edit)
     they differ a fast model runs its module path (and says so once), and
     computes what the reference computes: values and gradients."""
     positional = "rotary_qk" if edit == "rotary_removed" else "standard"
-    config = small_config(positional_embedding_type=positional, dropout=0.1)
+    d_mlp = 0 if edit == "removed_bias" else 48
+    config = small_config(positional_embedding_type=positional, dropout=0.1, d_mlp=d_mlp)
     reference, fast = reference_and_fast(config)
     assert fast_path_mismatch(fast) is None
     for model in (reference, fast):
