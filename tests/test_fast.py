@@ -686,16 +686,32 @@ def test_trains_after_a_first_call_under_inference_mode(pe):
 
 
 @pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
-def test_fast_survives_deepcopy_and_pickle(clone, caplog):
+def test_fast_survives_deepcopy_and_pickle(clone, caplog, monkeypatch):
     reference, fast = reference_and_fast(small_config(positional_embedding_type="rotary_qk"))
     copied = copy.deepcopy(fast) if clone == "deepcopy" else pickle.loads(pickle.dumps(fast))
     assert copied.variant == "fast" and copied._fast.options == fast._fast.options
     assert copied.embedding.weight is not fast.embedding.weight  # a real copy
     ids = random_ids(6, 50, 2, 9)
     reference.eval(), copied.eval()
+    # as in a new process, where an unpickled model compiles: it says so
+    monkeypatch.setattr(wf, "_ANNOUNCED_COMPILES", set())
     with caplog.at_level(logging.WARNING, logger="wmfast"), torch.no_grad():
         torch.testing.assert_close(copied(ids), reference(ids), **FP32_LOGITS)
-    assert "torch.compile may take" in caplog.text  # it says it (re)compiles
+    assert caplog.text.count("torch.compile may take") == 1
+
+
+def test_a_compile_is_announced_once_per_configuration_not_per_model(caplog, monkeypatch):
+    """A seed sweep in one process: the second model of a configuration reuses
+    the first one's graphs (wmfast.fast._compiled_forward), so only the first
+    says that it compiles; another grad mode or configuration says it again."""
+    monkeypatch.setattr(wf, "_ANNOUNCED_COMPILES", set())
+    ids = random_ids(8, 50, 2, 9)
+    with caplog.at_level(logging.WARNING, logger="wmfast"), torch.no_grad():
+        for seed in (0, 1, 2):
+            build_model(small_config(positional_embedding_type="rotary_qk", seed=seed)).eval()(ids)
+        assert caplog.text.count("torch.compile may take") == 1
+        build_model(small_config(positional_embedding_type="rotary_qk")).train()(ids)
+        assert caplog.text.count("torch.compile may take") == 2
 
 
 def test_forward_hooks_make_the_fast_model_take_its_module_path(monkeypatch):

@@ -103,6 +103,11 @@ class Plan(NamedTuple):
 
 
 _COMPILED: dict[tuple, Callable] = {}
+# the _COMPILED keys whose first call was announced in this process: another
+# model of the same configuration (a seed sweep, a copy) reuses their graphs,
+# so it has no compile to announce. An unpickled model in a new process
+# announces again, because there it compiles
+_ANNOUNCED_COMPILES: set[tuple] = set()
 
 
 def _compiled_forward(mode: str | None, dynamic: bool | None, graph_key: tuple) -> Callable:
@@ -211,11 +216,10 @@ class FastRunner:
 
     def __init__(self, options: FastOptions | None = None) -> None:
         self.options = options or FastOptions()
-        self._announced: set[tuple] = set()
+        self._said_module_path: set[str] = set()  # fast_path_mismatch reasons logged
         self.last_plan: Plan | None = None  # what the latest call actually ran
 
-    # the announcements are per process: a copy or an unpickled model says again
-    # that it compiles, because in a new process it does
+    # a copy says again why it runs its module path: it is another model
     def __getstate__(self) -> dict:
         return {"options": self.options}
 
@@ -285,25 +289,19 @@ class FastRunner:
             # (under a user's own torch.compile of the model, that compile owns
             # compiling and shapes: it traces the plain function)
             return transformer_forward(*args, **kwargs, record=record)
-        forward = _compiled_forward(
-            self.options.mode, self.options.dynamic, _graph_key(args[0], args[2], plan)
-        )
+        key = (self.options.mode, self.options.dynamic, _graph_key(args[0], args[2], plan))
+        forward = _compiled_forward(*key)
         if self.options.dynamic:
             args = (args[0], _dynamic_ids(input_ids), args[2])
-        key = (
-            input_ids.device.type,
-            _compute_dtype(model, input_ids.device),
-            model.training,
-            torch.is_grad_enabled(),
-        )
-        if key in self._announced:
+        if key in _ANNOUNCED_COMPILES:
             return forward(*args, **kwargs)
-        self._announced.add(key)
+        _ANNOUNCED_COMPILES.add(key)
         logger.warning(
-            "wmfast: first fast call for %s (%s): torch.compile may take 10-60 s now "
+            "wmfast: first fast call for %s (%s, %s): torch.compile may take 10-60 s now "
             "(set TORCHINDUCTOR_CACHE_DIR to reuse compiled code across processes)",
             "training" if torch.is_grad_enabled() else "inference",
-            ", ".join(map(str, key[:2])),
+            input_ids.device.type,
+            _compute_dtype(model, input_ids.device),
         )
         start = time.perf_counter()
         out = forward(*args, **kwargs)
@@ -313,8 +311,8 @@ class FastRunner:
     def _module_path(self, model: nn.Module, input_ids: torch.Tensor, mismatch: str):
         """The reference's computation, for a module tree the fast path does not
         compute (wmfast.models.transformer_functional.fast_path_mismatch)."""
-        if mismatch not in self._announced:
-            self._announced.add(mismatch)
+        if mismatch not in self._said_module_path:
+            self._said_module_path.add(mismatch)
             logger.warning(
                 "wmfast: %s, which the fast path does not compute: this fast model runs its "
                 "module path (the reference's computation and speed) while that holds",
