@@ -40,6 +40,7 @@ from wmfast.models.transformer import TransformerModel
 from wmfast.models.transformer_functional import (
     Statics,
     TransformerWeights,
+    _tensor,
     _torch_embedding_rotation,
     fast_path_mismatch,
     gather_weights,
@@ -205,10 +206,17 @@ def _add_norm_functions(impl: str) -> dict[str, Callable | None]:
     return dict(add_norm=torch_add_norm, add_norms_around_bias=None)
 
 
-def _compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+def _compute_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the matrix products run in: autocast's, or the weights'."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
-    return model.embedding.weight.dtype
+    return weight_dtype
+
+
+def _embedding_weight(model: nn.Module) -> torch.Tensor:
+    # through the _modules dict (as gather_weights): the runner asks per call,
+    # and model.embedding.weight through nn.Module.__getattr__ took 2 us
+    return _tensor(model._modules["embedding"], "weight")
 
 
 class FastRunner:
@@ -232,7 +240,8 @@ class FastRunner:
         if not isinstance(model, TransformerModel):
             # nn.RNN / nn.LSTM through the module path (cuDNN on CUDA)
             return Plan(compiled=False, rotary="none", attention="none (recurrent)", norm="none")
-        device = device or model.embedding.weight.device
+        weight = _embedding_weight(model)
+        device = device or weight.device
         grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
         rotates = model.positional_embedding_type in ("rotary", "rotary_qk")
         if backends.functorch_transforms_active():
@@ -241,7 +250,7 @@ class FastRunner:
         compiled = backends.resolve_compile(self.options.compile, device, grad)
         # the weights' dtype, not autocast's: the embedding rotation and the
         # residual stream stay in it under autocast
-        weight_dtype = model.embedding.weight.dtype
+        weight_dtype = weight.dtype
         rotary = "none"
         if rotates:
             rotary = backends.resolve_rotary(
@@ -255,7 +264,7 @@ class FastRunner:
             compiled=compiled,
             rotary=rotary,
             attention=backends.resolve_attention(
-                self.options.attention, device, _compute_dtype(model, device)
+                self.options.attention, device, _compute_dtype(weight_dtype, device)
             ),
             norm=backends.resolve_norm(
                 self.options.norm, device, weight_dtype, compiled_training=compiled and grad
@@ -301,7 +310,7 @@ class FastRunner:
             "(set TORCHINDUCTOR_CACHE_DIR to reuse compiled code across processes)",
             "training" if torch.is_grad_enabled() else "inference",
             input_ids.device.type,
-            _compute_dtype(model, input_ids.device),
+            _compute_dtype(_embedding_weight(model).dtype, input_ids.device),
         )
         start = time.perf_counter()
         out = forward(*args, **kwargs)
