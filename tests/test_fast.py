@@ -243,6 +243,7 @@ def test_triton_rotary_qk_training_writes_the_packed_gradient(monkeypatch, packe
 # -- the kernel path: the Triton add & norm inside the model ---------------------------
 
 
+@pytest.mark.triton_loops
 @pytest.mark.triton
 @given(
     st.sampled_from(POSITIONAL_TYPES),
@@ -265,6 +266,7 @@ def test_fast_with_triton_norm_equals_reference(pe, d_mlp, seq_len, seed):
         torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
 
 
+@pytest.mark.triton_loops
 @pytest.mark.triton
 @given(seed=st.integers(0, 2**31 - 1))
 def test_compiled_fast_with_triton_norm_equals_reference(seed):
@@ -278,6 +280,7 @@ def test_compiled_fast_with_triton_norm_equals_reference(seed):
     )
 
 
+@pytest.mark.triton_loops
 @pytest.mark.triton
 @pytest.mark.parametrize(
     "d_mlp, fused, ops",
@@ -313,6 +316,7 @@ def _triton_norm_compiled_pair(device):
     return reference_and_fast(TRITON_NORM_CONFIG, device, norm="triton", compile="always")
 
 
+@pytest.mark.triton_loops
 @pytest.mark.triton
 @pytest.mark.parametrize("pe, d_mlp", [("rotary_qk", 48), ("standard", 48), ("None", 0)])
 def test_triton_norm_under_bf16_autocast_trains_like_the_reference(pe, d_mlp):

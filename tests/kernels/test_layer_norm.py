@@ -90,6 +90,7 @@ def test_forward_matches_fp64(K, lead, n_cols, x_dtype, y_dtype, p, y_rows, low,
         torch.testing.assert_close(low_out.double(), want, **STORAGE_TOLERANCE[torch.bfloat16])
 
 
+@pytest.mark.triton_loops
 @given(
     lead=st.sampled_from([(1,), (5,), (2, 7), (40,)]),
     n_cols=st.sampled_from(N_COLS),

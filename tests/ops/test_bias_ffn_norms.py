@@ -68,6 +68,7 @@ def _assert_grads_close(got, want, tolerance):
         torch.testing.assert_close(g, w, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.triton_loops
 @given(
     shape=st.sampled_from([(1, 1, 4), (2, 5, 6), (3, 7, 48), (1, 9, 100)]),
     training=st.booleans(),
@@ -86,6 +87,7 @@ def test_forward_and_grads_match_the_composition(B, shape, training, seed):
     _assert_grads_close(got, torch.autograd.grad(want, inputs, g), FP32_GRADS)
 
 
+@pytest.mark.triton_loops
 @given(p=st.sampled_from([0.1, 0.5]), seed=st.integers(0, 2**31 - 1))
 def test_dropout_values_and_grads_follow_the_ops_own_masks(B, p, seed):
     device = kernel_device()
@@ -119,6 +121,7 @@ def test_dropout_masks_come_from_torchs_generator(B):
     assert torch.equal(first, again)
 
 
+@pytest.mark.triton_loops
 def test_low_copy_under_autocast_and_every_gradient(B):
     """Under bf16 autocast (an fp32 residual stream, the attention output and
     the feed-forward bias in bf16): the output is fp32, the low copy is it in
@@ -137,6 +140,7 @@ def test_low_copy_under_autocast_and_every_gradient(B):
     _assert_grads_close(got, torch.autograd.grad(loss, inputs), AUTOCAST_LOGITS)
 
 
+@pytest.mark.triton_loops
 def test_a_bf16_model_computes_the_composition_to_bf16(B):
     """A model cast to bf16 (no autocast): every tensor and the fused op's
     output in bf16, norm1's output and both sums rounded to bf16 as the
@@ -158,6 +162,7 @@ def test_a_bf16_model_computes_the_composition_to_bf16(B):
     assert_low_precision_grads_near_exact(NAMES, got, torch_bf16, exact)
 
 
+@pytest.mark.triton_loops
 def test_a_bf16_model_under_autocast_computes_the_composition(B):
     """A bf16 residual stream under CUDA's autocast would round norm1's output
     (fp32 there) to the sums' bf16: the fused kernel does not, so the op runs
@@ -190,6 +195,7 @@ def test_a_no_grad_call_launches_alone_and_computes_the_same(B, monkeypatch):
     assert torch.equal(out, with_grad.detach())
 
 
+@pytest.mark.triton_loops
 def test_registered_ops_compute_what_the_eager_function_computes(B):
     device = kernel_device()
     inputs, g = _inputs(4, (2, 5, 16), device, low=torch.bfloat16)
@@ -205,6 +211,7 @@ def test_registered_ops_compute_what_the_eager_function_computes(B):
     )
 
 
+@pytest.mark.triton_loops
 def test_compiles_with_no_graph_break_forward_and_backward(B):
     inputs, g = _inputs(2, (2, 5, 16), kernel_device())
 

@@ -62,6 +62,7 @@ def _expand(y, shape):
     return y.expand(shape) if y.shape != shape else y
 
 
+@pytest.mark.triton_loops
 @given(
     shape=st.sampled_from([(1, 1, 4), (2, 5, 6), (3, 7, 48), (1, 9, 100)]),
     y_rows=st.sampled_from(["own", "broadcast"]),
@@ -85,6 +86,7 @@ def test_op_forward_and_grads_match_the_composition(L, shape, y_rows, training, 
     _assert_grads_close(got_grads, want_grads, FP32_GRADS)
 
 
+@pytest.mark.triton_loops
 @given(p=st.sampled_from([0.1, 0.5]), seed=st.integers(0, 2**31 - 1))
 def test_dropout_values_and_grads_follow_the_ops_own_mask(L, p, seed):
     device = kernel_device()
@@ -118,6 +120,7 @@ def test_dropout_masks_come_from_torchs_generator(L):
     assert torch.equal(first, again)
 
 
+@pytest.mark.triton_loops
 def test_low_copy_under_autocast_and_both_gradients(L):
     """Under bf16 autocast: the output is fp32 (as autocast's layer_norm), the
     low copy is that output in bf16, and the gradients reaching both add up as
@@ -140,6 +143,7 @@ def test_low_copy_under_autocast_and_both_gradients(L):
     _assert_grads_close(got_grads, want_grads, AUTOCAST_LOGITS)
 
 
+@pytest.mark.triton_loops
 def test_a_bf16_stream_under_autocast_keeps_the_compositions_dtype(L):
     """bf16 x and y under bf16 autocast: CUDA's autocast runs layer_norm in
     fp32, CPU's leaves it in bf16; the op's output takes the same dtype on
@@ -171,6 +175,7 @@ def test_a_no_grad_call_launches_alone_and_computes_the_same(L, monkeypatch):
     assert torch.equal(out, with_grad.detach())
 
 
+@pytest.mark.triton_loops
 def test_registered_ops_compute_what_the_eager_function_computes(L):
     # as in tests/ops/test_rotary.py: under a tensor mode the registered ops run
     device = kernel_device()
@@ -188,6 +193,7 @@ def test_registered_ops_compute_what_the_eager_function_computes(L):
     )
 
 
+@pytest.mark.triton_loops
 def test_compiles_with_no_graph_break_forward_and_backward(L):
     device = kernel_device()
     x, y, weight, bias, g = _inputs(2, (2, 5, 16), device)
