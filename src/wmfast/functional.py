@@ -96,7 +96,7 @@ def rotary_qk(
 
     q, k: (B, T, H, D), any strides (e.g. views into the packed projection).
     cos, sin: (B, T, D/2) fp32; a batch stride of 0 (a broadcast table) is fine.
-    Returns new tensors (B, T, H, D) in the input dtype; math is fp32.
+    Returns new tensors (B, T, H, D) in the input dtype; math is fp32 (fp64 for fp64).
     """
     c = cos.unsqueeze(-2)  # (B, T, 1, D/2): the same angle for every head
     s = sin.unsqueeze(-2)
