@@ -20,35 +20,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .bench_layer_norm import CASES_CPU, CASES_CUDA, EPS, SHAPES_CPU, SHAPES_CUDA, P, _name
+from .bench_layer_norm import (
+    EPS,
+    SHAPES_CPU,
+    SHAPES_CUDA,
+    P,
+    _name,
+    impl_directions,
+    norm_cases,
+)
 from .timing import kernel_calls_per_round, time_it
 
 pytestmark = pytest.mark.triton
 
 IMPLS = ["torch_eager", "torch_compile", "wmfast_single_ops", "wmfast_triton"]
-
-
-def _cases():
-    cases = CASES_CUDA if torch.cuda.is_available() else CASES_CPU
-    return [pytest.param(*case, id="-".join((case[0], *map(_name, case[1:])))) for case in cases]
-
-
-def _impl_directions():
-    """(impl, direction) cases; wmfast's backwards loop over rows, which the
-    Triton interpreter of triton < 3.7 cannot run with numpy >= 2.5 (marker
-    triton_loops, root conftest.py)."""
-    return [
-        pytest.param(
-            impl,
-            direction,
-            id=f"{impl}-{direction}",
-            marks=pytest.mark.triton_loops
-            if impl.startswith("wmfast") and direction == "fwdbwd"
-            else (),
-        )
-        for direction in ("fwd", "fwdbwd")
-        for impl in IMPLS
-    ]
 
 
 def _composition(x, y, w1, b1, c, w2, b2, low_dtype):
@@ -65,8 +50,8 @@ def compiled_composition():
     return torch.compile(_composition, dynamic=False)
 
 
-@pytest.mark.parametrize("impl, direction", _impl_directions())
-@pytest.mark.parametrize("shape, x_dtype, y_dtype, low_dtype", _cases())
+@pytest.mark.parametrize("impl, direction", impl_directions(IMPLS))
+@pytest.mark.parametrize("shape, x_dtype, y_dtype, low_dtype", norm_cases())
 def bench_bias_ffn_norms(
     benchmark, device, compiled_composition, shape, x_dtype, y_dtype, low_dtype, impl, direction
 ):

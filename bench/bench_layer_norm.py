@@ -48,14 +48,16 @@ def _name(dtype) -> str:
     return "none" if dtype is None else str(dtype).split(".")[-1]
 
 
-def _cases():
+def norm_cases():
+    """(shape, x dtype, y dtype, low dtype) cases of the norm benchmarks."""
     cases = CASES_CUDA if torch.cuda.is_available() else CASES_CPU
     return [pytest.param(*case, id="-".join((case[0], *map(_name, case[1:])))) for case in cases]
 
 
-def _impl_directions():
-    """(impl, direction) cases; wmfast's backwards loop over rows, which the
-    Triton interpreter of triton < 3.7 cannot run with numpy >= 2.5 (marker
+def impl_directions(impls: list[str]):
+    """(impl, direction) cases of the norm benchmarks (this one and
+    bench_bias_ffn_norms); wmfast's backwards loop over rows, which the Triton
+    interpreter of triton < 3.7 cannot run with numpy >= 2.5 (marker
     triton_loops, root conftest.py)."""
     return [
         pytest.param(
@@ -67,7 +69,7 @@ def _impl_directions():
             else (),
         )
         for direction in ("fwd", "fwdbwd")
-        for impl in IMPLS
+        for impl in impls
     ]
 
 
@@ -90,8 +92,8 @@ def ops():
     return layer_norm
 
 
-@pytest.mark.parametrize("impl, direction", _impl_directions())
-@pytest.mark.parametrize("shape, x_dtype, y_dtype, low_dtype", _cases())
+@pytest.mark.parametrize("impl, direction", impl_directions(IMPLS))
+@pytest.mark.parametrize("shape, x_dtype, y_dtype, low_dtype", norm_cases())
 def bench_dropout_add_layer_norm(
     benchmark,
     device,
