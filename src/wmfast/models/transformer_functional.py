@@ -168,6 +168,16 @@ def _is(module, cls) -> bool:
     return kind is cls or (kind.__bases__ == (cls,) and parametrize.is_parametrized(module))
 
 
+def _weight_or_bias_is_none(module) -> bool:
+    """Whether ``module``'s weight or bias is registered as None
+    (``linear2.bias = None``, a LayerNorm without elementwise_affine): the fast
+    path takes every weight as a tensor (d_mlp 0's bias-only block, the Triton
+    add & norms). A parametrized weight is not in ``_parameters``. (``is None``
+    on each: ``None in params.values()`` compares tensors with ``==``, 20 us.)"""
+    params = module._parameters
+    return params.get("weight", 0) is None or params.get("bias", 0) is None
+
+
 def fast_path_mismatch(model) -> str | None:
     """Why transformer_forward would not compute what ``model``'s module tree
     computes, or None when it does.
@@ -187,7 +197,7 @@ def fast_path_mismatch(model) -> str | None:
     emb, output = modules["embedding"], modules["output_layer"]
     if not (_is(emb, nn.Embedding) and _is(output, nn.Linear)):
         return "embedding or output_layer was replaced"
-    if output._parameters.get("weight", 0) is None or output._parameters.get("bias", 0) is None:
+    if _weight_or_bias_is_none(output):
         return "output_layer's weight or bias is None"
     if emb.padding_idx is not None or emb.max_norm is not None or emb.scale_grad_by_freq:
         return "embedding has padding_idx, max_norm or scale_grad_by_freq set"
@@ -210,11 +220,6 @@ def fast_path_mismatch(model) -> str | None:
             return f"{path}.self_attn is a {type(attn).__name__}"
         if not _is(attn._modules["out_proj"], NonDynamicallyQuantizableLinear):
             return f"{path}.self_attn.out_proj is a {type(attn._modules['out_proj']).__name__}"
-        # a weight registered as None (``linear2.bias = None``, a LayerNorm
-        # without elementwise_affine): the fast path takes every weight as a
-        # tensor (d_mlp 0's bias-only block, the Triton add & norms). A
-        # parametrized weight is not in _parameters. Inline, with ``is None``
-        # (``None in params.values()`` compares tensors with ``==``: 20 us)
         if attn._parameters.get("in_proj_bias", 0) is None:
             return f"{path}.self_attn.in_proj_bias is None"
         for name, module in (
@@ -224,8 +229,7 @@ def fast_path_mismatch(model) -> str | None:
             ("norm2", parts["norm2"]),
             ("self_attn.out_proj", attn._modules["out_proj"]),
         ):
-            params = module._parameters
-            if params.get("weight", 0) is None or params.get("bias", 0) is None:
+            if _weight_or_bias_is_none(module):
                 return f"{path}.{name}'s weight or bias is None"
         if rotary_qk and type(attn._modules["rotary"]) is not QKRotary:
             return f"{path}.self_attn.rotary is a {type(attn._modules['rotary']).__name__}"
