@@ -97,6 +97,8 @@ def test_the_report_says_what_ran(default_report):
     assert ran["transformer/rotary_qk"]["attention"] == "sdpa"
     assert ran["transformer/standard"]["rotary"] == "none"  # nothing rotates there
     assert ran["lstm"]["attention"] == "none (recurrent)"
+    assert ran["lstm"]["recurrence_with_grad"] == "module"
+    assert ran["rnn"]["recurrence_with_grad"] == ("module" if on_cuda else "bptt")
     assert report["environment"]["torch"] == torch.__version__
 
 

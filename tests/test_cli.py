@@ -89,3 +89,8 @@ def test_the_ran_column_names_the_training_choices_where_they_differ():
         ran=dict(ran, rotary="none", rotary_with_grad="none", norm="torch", norm_with_grad="torch")
     )
     assert _ran(cpu_standard) == "compiled; sdpa"
+    recurrent = dict(variant="fast", attention="none (recurrent)", recurrence="module")
+    cpu_rnn = SimpleNamespace(ran=dict(recurrent, recurrence_with_grad="bptt"))
+    assert _ran(cpu_rnn) == "module path; bptt training"
+    cuda_rnn = SimpleNamespace(ran=dict(recurrent, recurrence_with_grad="module"))
+    assert _ran(cuda_rnn) == "module path (cuDNN on CUDA)"

@@ -37,6 +37,14 @@ norm           "triton" (wmfast.ops.layer_norm: layer_norm(x + dropout(y))
                torch.library): so not for no-grad or uncompiled calls.
                At d_mlp 0 "triton" takes both add & norms of a layer
                in one pass (FUSED_NORMS_AT_D_MLP_0 below).
+recurrence     "bptt" (wmfast.ops.rnn_eager: ATen's RNN op forward, the
+               backward through time written out) for the Elman RNN on
+               the CPU when autograd records the call, for fp32 or fp64
+               weights; else "module": the reference's own nn.RNN /
+               nn.LSTM call (cuDNN on CUDA; oneDNN's fused LSTM on the
+               CPU). Measured on 2 cores, the RNN training step 1.08-1.76x
+               the reference's from B 2, T 8, d 16 up (1.29-1.62x at the
+               CPU benchmark shape; 0.99x, a tie, at B 1, T 4, d 8).
 =============  ===========================================================
 
 Where nothing is compiled (the CPU training step), the forward takes
@@ -161,6 +169,18 @@ def resolve_attention(choice: str, device: torch.device, dtype: torch.dtype) -> 
     if choice == "flash_attn" and not flash_attn_installed():
         raise ImportError("attention='flash_attn' needs the flash-attn package (or use 'sdpa')")
     return choice
+
+
+def resolve_recurrence(
+    model_class: str, device: torch.device, dtype: torch.dtype, records_grad: bool
+) -> str:
+    """ "bptt" or "module" for the recurrence of a ``model_class`` ("rnn" or
+    "lstm") model with weights of ``dtype``; ``records_grad``: whether
+    autograd records the call."""
+    cpu_training = device.type == "cpu" and records_grad
+    if model_class == "rnn" and cpu_training and dtype in (torch.float32, torch.float64):
+        return "bptt"
+    return "module"
 
 
 def resolve_compile(choice: str, device: torch.device, grad_enabled: bool) -> bool:

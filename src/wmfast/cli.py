@@ -47,10 +47,12 @@ def _ran(model) -> str:
     ran = model.ran
     if ran.get("variant") != "fast":
         return "reference"
-    if ran.get("attention") == "none (recurrent)":
-        return "module path (cuDNN on CUDA)"
     if ran.get("module_path_reason"):
         return f"module path ({ran['module_path_reason']})"
+    if ran.get("attention") == "none (recurrent)":
+        if ran.get("recurrence_with_grad") == "bptt":
+            return "module path; bptt training"
+        return "module path (cuDNN on CUDA)"
     if ran.get("compiled_with_grad"):
         compiled = "compiled"
     elif ran.get("compiled_no_grad"):

@@ -15,8 +15,11 @@ paths, same state_dict keys) with two differences:
   traced path.
 
 RNN/LSTM: the recurrence stays on cuDNN (torch.compile does not compile it and
-is slower when forced), so their fast variant runs the module path: same
-speed as the reference, by design.
+is slower when forced), so on CUDA, and without grad anywhere, their fast
+variant runs the module path: the reference's speed, by design. On the CPU
+the RNN's training call takes wmfast.ops.rnn_eager, ATen's own forward with
+the backward through time written out; the LSTM's stays on oneDNN's fused
+layer (wmfast.backends, "recurrence").
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 from wmfast import backends
 from wmfast.attention_backends import CAUSAL_ATTENTION
 from wmfast.models.base import WorkingMemoryModel
+from wmfast.models.recurrent import RNNCore, RNNModel
 from wmfast.models.transformer import TransformerModel
 from wmfast.models.transformer_functional import (
     Statics,
@@ -48,7 +52,7 @@ from wmfast.models.transformer_functional import (
     torch_add_norm,
     transformer_forward,
 )
-from wmfast.ops import rotary_eager, tail_eager
+from wmfast.ops import rnn_eager, rotary_eager, tail_eager
 
 logger = logging.getLogger("wmfast")
 
@@ -101,6 +105,7 @@ class Plan(NamedTuple):
     rotary: str
     attention: str
     norm: str = "torch"
+    recurrence: str = "none"  # RNN/LSTM: "module" or "bptt" (wmfast.backends)
 
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -238,8 +243,7 @@ class FastRunner:
         self, model: nn.Module, device: torch.device | None = None, grad_enabled: bool | None = None
     ) -> Plan:
         if not isinstance(model, TransformerModel):
-            # nn.RNN / nn.LSTM through the module path (cuDNN on CUDA)
-            return Plan(compiled=False, rotary="none", attention="none (recurrent)", norm="none")
+            return self._recurrent_plan(model, device, grad_enabled)
         weight = _embedding_weight(model)
         device = device or weight.device
         grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
@@ -271,14 +275,35 @@ class FastRunner:
             ),
         )
 
+    @staticmethod
+    def _recurrent_plan(
+        model: nn.Module, device: torch.device | None, grad_enabled: bool | None
+    ) -> Plan:
+        weight = _embedding_weight(model)
+        device = device or weight.device
+        grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
+        # (not under torch.compile, torch.func or autocast: the plain module)
+        records_grad = (
+            grad
+            and backends.eager_functions_allowed(device.type)
+            and any(p.requires_grad for p in model.parameters())
+        )
+        model_class = "rnn" if isinstance(model, RNNModel) else "lstm"
+        return Plan(
+            compiled=False,
+            rotary="none",
+            attention="none (recurrent)",
+            norm="none",
+            recurrence=backends.resolve_recurrence(model_class, device, weight.dtype, records_grad),
+        )
+
     def __call__(
         self, model: nn.Module, input_ids: torch.Tensor, record: Callable | None = None
     ) -> torch.Tensor:
         """The untraced forward. ``record`` (see transformer_forward) forces the
         uncompiled path: it is for locating a divergence, not for speed."""
         if not isinstance(model, TransformerModel):
-            self.last_plan = self.plan(model)
-            return model.forward_modules(input_ids)  # cuDNN recurrence: see module docstring
+            return self._recurrent(model, input_ids)
         mismatch = fast_path_mismatch(model)
         if mismatch is not None:
             return self._module_path(model, input_ids, mismatch)
@@ -317,6 +342,19 @@ class FastRunner:
         logger.info("wmfast: first fast call took %.1f s", time.perf_counter() - start)
         return out
 
+    def _recurrent(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        plan = self.plan(model, input_ids.device)
+        if plan.recurrence != "bptt":
+            self.last_plan = plan
+            return model.forward_modules(input_ids)  # cuDNN recurrence: see module docstring
+        mismatch = _rnn_path_mismatch(model)
+        if mismatch is not None:
+            return self._module_path(model, input_ids, mismatch)
+        self.last_plan = plan
+        x = model.embedding(input_ids)  # (B, T, d_model)
+        h = rnn_eager.rnn_forward(model._modules["rnn_core"]._modules["rnn"], x)
+        return model.output_layer(h)  # (B, T, d_vocab)
+
     def _module_path(self, model: nn.Module, input_ids: torch.Tensor, mismatch: str):
         """The reference's computation, for a module tree the fast path does not
         compute (wmfast.models.transformer_functional.fast_path_mismatch)."""
@@ -328,9 +366,23 @@ class FastRunner:
                 mismatch,
             )
         self.last_plan = Plan(
-            compiled=False, rotary="none", attention="none (module path)", norm="none"
+            compiled=False,
+            rotary="none",
+            attention="none (module path)",
+            norm="none",
+            recurrence="none" if isinstance(model, TransformerModel) else "module",
         )
         return model.forward_modules(input_ids)
+
+
+def _rnn_path_mismatch(model: nn.Module) -> str | None:
+    """Why wmfast.ops.rnn_eager would not compute what an RNN model's rnn_core
+    computes (a module changed after building), or None when it does."""
+    core = model._modules["rnn_core"]
+    if type(core) is not RNNCore:
+        return f"rnn_core is a {type(core).__name__}"
+    mismatch = rnn_eager.unsupported(core._modules["rnn"])
+    return None if mismatch is None else f"rnn_core.rnn {mismatch}"
 
 
 def is_fast(model: nn.Module) -> bool:
@@ -393,14 +445,17 @@ def describe(model: nn.Module, device: torch.device | str | None = None) -> dict
     device = torch.device(device) if device is not None else next(model.parameters()).device
     training = runner.plan(model, device, grad_enabled=True)
     inference = runner.plan(model, device, grad_enabled=False)
-    transformer = isinstance(model, TransformerModel)
+    if isinstance(model, TransformerModel):
+        mismatch = fast_path_mismatch(model)
+    else:
+        mismatch = _rnn_path_mismatch(model) if isinstance(model, RNNModel) else None
     return {
         "variant": "fast",
         "device": str(device),
         "options": dataclasses.asdict(runner.options),
         # set where the module tree was changed so that the fast path would
         # compute another function: the model then runs its module path
-        "module_path_reason": fast_path_mismatch(model) if transformer else None,
+        "module_path_reason": mismatch,
         "compiled_with_grad": training.compiled,
         "compiled_no_grad": inference.compiled,
         "rotary": inference.rotary,
@@ -408,4 +463,6 @@ def describe(model: nn.Module, device: torch.device | str | None = None) -> dict
         "attention": inference.attention,
         "norm": inference.norm,
         "norm_with_grad": training.norm,
+        "recurrence": inference.recurrence,
+        "recurrence_with_grad": training.recurrence,
     }

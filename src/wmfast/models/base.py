@@ -20,7 +20,7 @@ class WorkingMemoryModel(nn.Module):
     """
 
     _fast = None  # wmfast.fast.FastRunner on fast models
-    # True where the fast runner itself goes through forward_modules (RNN/LSTM):
+    # True where the fast runner itself goes through forward_modules (LSTM):
     # traces and hooks then work on it as they are, and checking for them
     # would only add per-call cost
     fast_path_calls_submodules = False
