@@ -90,7 +90,9 @@ def test_the_ran_column_names_the_training_choices_where_they_differ():
     )
     assert _ran(cpu_standard) == "compiled; sdpa"
     recurrent = dict(variant="fast", attention="none (recurrent)", recurrence="module")
-    cpu_rnn = SimpleNamespace(ran=dict(recurrent, recurrence_with_grad="bptt"))
-    assert _ran(cpu_rnn) == "module path; bptt training"
-    cuda_rnn = SimpleNamespace(ran=dict(recurrent, recurrence_with_grad="module"))
-    assert _ran(cuda_rnn) == "module path (cuDNN on CUDA)"
+    cpu_rnn = dict(recurrent, recurrence_with_grad="bptt", output_layer_with_grad="answer rows")
+    assert _ran(SimpleNamespace(ran=cpu_rnn)) == "module path; training: bptt, answer-row output"
+    cpu_lstm = dict(cpu_rnn, recurrence_with_grad="module")
+    assert _ran(SimpleNamespace(ran=cpu_lstm)) == "module path; training: answer-row output"
+    cuda = dict(recurrent, recurrence_with_grad="module", output_layer_with_grad="module")
+    assert _ran(SimpleNamespace(ran=cuda)) == "module path (cuDNN on CUDA)"

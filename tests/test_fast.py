@@ -865,19 +865,23 @@ def test_an_unchanged_tree_keeps_the_fast_path_through_copies_and_casts():
         assert fast_path_mismatch(fast.to(torch.bfloat16)) is None
 
 
-def test_the_fast_lstm_fires_hooks_on_its_own_path():
-    """Its fast path is the module path (cuDNN or oneDNN recurrence), so hooks
-    fire without any switch, and the output is the reference's, bitwise. (The
-    RNN's CPU training call skips rnn_core: tests/ops/test_rnn_eager.py.)"""
-    config = small_config(model_class="lstm")
+@pytest.mark.parametrize("model_class, core", [("rnn", "rnn_core"), ("lstm", "lstm_core")])
+def test_recurrent_fast_models_with_hooks_run_their_modules(model_class, core):
+    """Their CPU training calls skip the core (the RNN) and the output layer
+    module (wmfast.ops.rnn_eager, output_layer_eager): a hook on a submodule
+    sends the call through the modules, where it fires, with the
+    reference's output bit for bit."""
+    config = small_config(model_class=model_class, act_fn="tanh")
     reference, fast = reference_and_fast(config)
     seen = []
-    handle = fast.lstm_core.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    handle = getattr(fast, core).register_forward_hook(lambda m, a, out: seen.append(out.shape))
     ids = random_ids(2, config.d_vocab, 2, 5)
     assert torch.equal(fast(ids), reference(ids))
+    assert seen == [(2, 5, config.d_hidden)] and fast._fast.last_plan is None
     handle.remove()
-    assert seen == [(2, 5, config.d_hidden)]
-    assert fast._fast.last_plan.attention == "none (recurrent)"  # the runner ran
+    fast(ids)
+    assert fast._fast.last_plan.output_layer == "answer rows"  # the runner ran
+    assert fast._fast.last_plan.recurrence == ("bptt" if model_class == "rnn" else "module")
 
 
 # -- dropout, determinism -------------------------------------------------------------

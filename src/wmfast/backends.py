@@ -45,6 +45,13 @@ recurrence     "bptt" (wmfast.ops.rnn_eager: ATen's RNN op forward, the
                CPU). Measured on 2 cores, the RNN training step 1.08-1.76x
                the reference's from B 2, T 8, d 16 up (1.29-1.62x at the
                CPU benchmark shape; 0.99x, a tie, at B 1, T 4, d 8).
+output_layer   (RNN/LSTM) "answer rows" (wmfast.ops.output_layer_eager: the
+               backward's products on the rows of the logits' gradient
+               that are nonzero, workingmem's answers) on the CPU when
+               autograd records the call; else "module". The
+               transformers' fast path does the same in its last layer
+               (wmfast.ops.tail_eager). On CUDA finding the rows would be
+               a host-device sync.
 =============  ===========================================================
 
 Where nothing is compiled (the CPU training step), the forward takes
@@ -181,6 +188,11 @@ def resolve_recurrence(
     if model_class == "rnn" and cpu_training and dtype in (torch.float32, torch.float64):
         return "bptt"
     return "module"
+
+
+def resolve_output_layer(device: torch.device, records_grad: bool) -> str:
+    """ "answer rows" or "module" for a recurrent model's output layer."""
+    return "answer rows" if device.type == "cpu" and records_grad else "module"
 
 
 def resolve_compile(choice: str, device: torch.device, grad_enabled: bool) -> bool:

@@ -50,8 +50,16 @@ def _ran(model) -> str:
     if ran.get("module_path_reason"):
         return f"module path ({ran['module_path_reason']})"
     if ran.get("attention") == "none (recurrent)":
-        if ran.get("recurrence_with_grad") == "bptt":
-            return "module path; bptt training"
+        training = [
+            name
+            for key, choice, name in (
+                ("recurrence_with_grad", "bptt", "bptt"),
+                ("output_layer_with_grad", "answer rows", "answer-row output"),
+            )
+            if ran.get(key) == choice
+        ]
+        if training:
+            return f"module path; training: {', '.join(training)}"
         return "module path (cuDNN on CUDA)"
     if ran.get("compiled_with_grad"):
         compiled = "compiled"

@@ -19,7 +19,9 @@ is slower when forced), so on CUDA, and without grad anywhere, their fast
 variant runs the module path: the reference's speed, by design. On the CPU
 the RNN's training call takes wmfast.ops.rnn_eager, ATen's own forward with
 the backward through time written out; the LSTM's stays on oneDNN's fused
-layer (wmfast.backends, "recurrence").
+layer; both run their output layer's backward on the rows the loss reads
+(wmfast.ops.output_layer_eager; wmfast.backends, "recurrence" and
+"output_layer").
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from wmfast.models.transformer_functional import (
     torch_add_norm,
     transformer_forward,
 )
-from wmfast.ops import rnn_eager, rotary_eager, tail_eager
+from wmfast.ops import output_layer_eager, rnn_eager, rotary_eager, tail_eager
 
 logger = logging.getLogger("wmfast")
 
@@ -106,6 +108,7 @@ class Plan(NamedTuple):
     attention: str
     norm: str = "torch"
     recurrence: str = "none"  # RNN/LSTM: "module" or "bptt" (wmfast.backends)
+    output_layer: str = "none"  # RNN/LSTM: "module" or "answer rows" (wmfast.backends)
 
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -295,6 +298,7 @@ class FastRunner:
             attention="none (recurrent)",
             norm="none",
             recurrence=backends.resolve_recurrence(model_class, device, weight.dtype, records_grad),
+            output_layer=backends.resolve_output_layer(device, records_grad),
         )
 
     def __call__(
@@ -344,16 +348,22 @@ class FastRunner:
 
     def _recurrent(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         plan = self.plan(model, input_ids.device)
-        if plan.recurrence != "bptt":
+        if plan.recurrence == plan.output_layer == "module":
             self.last_plan = plan
             return model.forward_modules(input_ids)  # cuDNN recurrence: see module docstring
-        mismatch = _rnn_path_mismatch(model)
+        mismatch = _recurrent_path_mismatch(model, plan)
         if mismatch is not None:
             return self._module_path(model, input_ids, mismatch)
         self.last_plan = plan
-        x = model.embedding(input_ids)  # (B, T, d_model)
-        h = rnn_eager.rnn_forward(model._modules["rnn_core"]._modules["rnn"], x)
-        return model.output_layer(h)  # (B, T, d_vocab)
+        modules = model._modules
+        x = modules["embedding"](input_ids)  # (B, T, d_model)
+        core = modules[model.core_name]
+        if plan.recurrence == "bptt":
+            h = rnn_eager.rnn_forward(core._modules["rnn"], x)  # (B, T, d_hidden)
+        else:
+            h = core(x)
+        output = modules["output_layer"]
+        return output_layer_eager.output_layer(h, output.weight, output.bias)  # (B, T, d_vocab)
 
     def _module_path(self, model: nn.Module, input_ids: torch.Tensor, mismatch: str):
         """The reference's computation, for a module tree the fast path does not
@@ -375,9 +385,17 @@ class FastRunner:
         return model.forward_modules(input_ids)
 
 
-def _rnn_path_mismatch(model: nn.Module) -> str | None:
-    """Why wmfast.ops.rnn_eager would not compute what an RNN model's rnn_core
-    computes (a module changed after building), or None when it does."""
+def _recurrent_path_mismatch(model: nn.Module, plan: Plan) -> str | None:
+    """Why the recurrent model's own path under ``plan`` would not compute what
+    its modules compute (a module changed after building), or None when it
+    does: the output layer must be a plain nn.Linear with a bias, and for
+    "bptt" rnn_core the RNNCore around an nn.RNN that wmfast.ops.rnn_eager
+    computes."""
+    output = model._modules["output_layer"]
+    if type(output) is not nn.Linear or output.bias is None:
+        return "output_layer is not an nn.Linear with a bias"
+    if plan.recurrence != "bptt":
+        return None
     core = model._modules["rnn_core"]
     if type(core) is not RNNCore:
         return f"rnn_core is a {type(core).__name__}"
@@ -448,7 +466,7 @@ def describe(model: nn.Module, device: torch.device | str | None = None) -> dict
     if isinstance(model, TransformerModel):
         mismatch = fast_path_mismatch(model)
     else:
-        mismatch = _rnn_path_mismatch(model) if isinstance(model, RNNModel) else None
+        mismatch = _recurrent_path_mismatch(model, training)
     return {
         "variant": "fast",
         "device": str(device),
@@ -465,4 +483,5 @@ def describe(model: nn.Module, device: torch.device | str | None = None) -> dict
         "norm_with_grad": training.norm,
         "recurrence": inference.recurrence,
         "recurrence_with_grad": training.recurrence,
+        "output_layer_with_grad": training.output_layer,
     }

@@ -148,21 +148,6 @@ def test_autocast_and_torch_func_take_the_module(monkeypatch):
     assert calls[0] == 0
 
 
-def test_a_fast_rnn_with_hooks_runs_its_modules():
-    """The training call skips rnn_core, so a hook on it must send the call
-    through the modules, where it fires."""
-    config = small_config(model_class="rnn", act_fn="relu")
-    reference, fast = reference_and_fast(config)
-    seen = []
-    handle = fast.rnn_core.register_forward_hook(lambda m, a, out: seen.append(out.shape))
-    ids = random_ids(2, config.d_vocab, 2, 5)
-    assert torch.equal(fast(ids), reference(ids))
-    assert seen == [(2, 5, config.d_hidden)]
-    handle.remove()
-    fast(ids)
-    assert len(seen) == 1 and fast._fast.last_plan.recurrence == "bptt"
-
-
 def test_an_edited_rnn_runs_its_modules_and_says_why(caplog):
     config = small_config(model_class="rnn", act_fn="tanh", n_layers=2)
     reference, fast = reference_and_fast(config)
@@ -178,7 +163,7 @@ def test_an_edited_rnn_runs_its_modules_and_says_why(caplog):
     assert "rnn_core.rnn has dropout 0.5" in caplog.text
 
 
-def test_fast_lstm_keeps_its_module():
+def test_fast_lstm_keeps_its_core():
     config = small_config(model_class="lstm")
     model = build_model(config).train()
     model(random_ids(7, config.d_vocab, 2, 5))

@@ -20,10 +20,6 @@ class WorkingMemoryModel(nn.Module):
     """
 
     _fast = None  # wmfast.fast.FastRunner on fast models
-    # True where the fast runner itself goes through forward_modules (LSTM):
-    # traces and hooks then work on it as they are, and checking for them
-    # would only add per-call cost
-    fast_path_calls_submodules = False
     d_vocab: int
     check_token_ids: bool  # the token-id range check (a device sync on CUDA)
 
@@ -40,7 +36,7 @@ class WorkingMemoryModel(nn.Module):
         check_input_ids(input_ids, self.d_vocab, self.n_ctx_limit, self.check_token_ids)
         if self._fast is None:
             return self.forward_modules(input_ids)
-        if self.fast_path_calls_submodules or not (trace_active(self) or hooks_registered(self)):
+        if not (trace_active(self) or hooks_registered(self)):
             return self._fast(self, input_ids)
         return self.forward_modules(input_ids)
 

@@ -63,9 +63,6 @@ class _RecurrentModel(WorkingMemoryModel):
 
 class RNNModel(_RecurrentModel):
     core_name = "rnn_core"
-    # the fast variant's CPU training call skips rnn_core (wmfast.ops.rnn_eager):
-    # traces and hooks must send it through the modules
-    fast_path_calls_submodules = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config, lambda c: RNNCore(c.d_model, c.d_hidden, c.n_layers, c.act_fn))
@@ -73,7 +70,6 @@ class RNNModel(_RecurrentModel):
 
 class LSTMModel(_RecurrentModel):
     core_name = "lstm_core"
-    fast_path_calls_submodules = True  # the fast variant keeps the cuDNN/oneDNN recurrence
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config, lambda c: LSTMCore(c.d_model, c.d_hidden, c.n_layers))
