@@ -375,12 +375,14 @@ class FastRunner:
                 "module path (the reference's computation and speed) while that holds",
                 mismatch,
             )
+        transformer = isinstance(model, TransformerModel)
         self.last_plan = Plan(
             compiled=False,
             rotary="none",
             attention="none (module path)",
             norm="none",
-            recurrence="none" if isinstance(model, TransformerModel) else "module",
+            recurrence="none" if transformer else "module",
+            output_layer="none" if transformer else "module",
         )
         return model.forward_modules(input_ids)
 
@@ -391,6 +393,8 @@ def _recurrent_path_mismatch(model: nn.Module, plan: Plan) -> str | None:
     does: the output layer must be a plain nn.Linear with a bias, and for
     "bptt" rnn_core the RNNCore around an nn.RNN that wmfast.ops.rnn_eager
     computes."""
+    if plan.recurrence == plan.output_layer == "module":
+        return None  # the modules themselves run
     output = model._modules["output_layer"]
     if type(output) is not nn.Linear or output.bias is None:
         return "output_layer is not an nn.Linear with a bias"

@@ -151,3 +151,14 @@ def test_a_replaced_output_layer_runs_the_modules(caplog):
         assert torch.equal(fast.train()(ids), reference.train()(ids))
     assert fast._fast.last_plan.attention == "none (module path)"
     assert "output_layer is not an nn.Linear with a bias" in caplog.text
+
+
+def test_describe_names_a_replaced_output_layer_only_where_it_matters():
+    from wmfast.fast import describe
+
+    _, fast = reference_and_fast(small_config(model_class="rnn"))
+    fast.output_layer = torch.nn.Sequential(fast.output_layer)
+    assert describe(fast)["module_path_reason"] == "output_layer is not an nn.Linear with a bias"
+    # on CUDA the modules run anyway: nothing to explain
+    assert describe(fast, "cuda")["module_path_reason"] is None
+    assert describe(fast, "cuda")["output_layer_with_grad"] == "module"
