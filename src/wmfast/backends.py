@@ -47,8 +47,9 @@ recurrence     "bptt" (wmfast.ops.rnn_eager: ATen's RNN op forward, the
                CPU benchmark shape; 0.99x, a tie, at B 1, T 4, d 8).
 output_layer   (RNN/LSTM) "answer rows" (wmfast.ops.output_layer_eager: the
                backward's products on the rows of the logits' gradient
-               that are nonzero, workingmem's answers) on the CPU when
-               autograd records the call; else "module". The
+               that are nonzero, workingmem's answers, from the size its
+               MIN_PRODUCTS fixes) on the CPU when autograd records the
+               call; else "module". The
                transformers' fast path does the same in its last layer
                (wmfast.ops.tail_eager). On CUDA finding the rows would be
                a host-device sync.

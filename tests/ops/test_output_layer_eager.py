@@ -99,6 +99,7 @@ def test_gradients_of_gradients_match_f_linear():
 @pytest.mark.parametrize("case", ["no_grad", "autocast", "no_bias", "mixed_dtypes"])
 def test_where_the_plain_op_runs(monkeypatch, case):
     calls = count_applies(monkeypatch, output_layer_eager._OutputLayer)
+    monkeypatch.setattr(output_layer_eager, "MIN_PRODUCTS", 0)
     (x, weight, bias), _ = _tensors(3, 2, 4, 3, 5, torch.float32)
     weight.requires_grad_()
     if case == "no_bias":
@@ -116,6 +117,15 @@ def test_where_the_plain_op_runs(monkeypatch, case):
     assert calls[0] == 1
 
 
+@pytest.mark.parametrize("rows, takes_it", [(2**14, True), (2**14 - 1, False)])
+def test_layers_from_min_products_up_take_it(monkeypatch, rows, takes_it):
+    calls = count_applies(monkeypatch, output_layer_eager._OutputLayer)
+    (x, weight, bias), _ = _tensors(4, 1, rows, 64, 64, torch.float32)  # 2^12 per row
+    out = output_layer_eager.output_layer(x, weight.requires_grad_(), bias)
+    assert calls[0] == int(takes_it)
+    assert torch.equal(out, F.linear(x, weight, bias))
+
+
 # -- in the fast RNN and LSTM -----------------------------------------------------------
 
 
@@ -124,6 +134,7 @@ def test_fast_recurrent_models_train_through_it(monkeypatch, model_class):
     """The answer loss (every 4th position, as workingmem's) on the CPU: the
     fast model's gradients match the reference's."""
     calls = count_applies(monkeypatch, output_layer_eager._OutputLayer)
+    monkeypatch.setattr(output_layer_eager, "MIN_PRODUCTS", 0)  # small_config is far below it
     config = small_config(model_class=model_class, act_fn="relu")
     reference, fast = reference_and_fast(config)
     ids = random_ids(3, config.d_vocab, 3, 12)

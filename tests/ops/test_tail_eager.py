@@ -111,6 +111,23 @@ def test_rows_to_compute_are_the_rows_the_loss_reads():
     assert tail_eager.rows_to_compute(dense, finite) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_never_passes_a_nan_or_inf(dtype):
+    x = torch.randn(64, 8).to(dtype)
+    assert tail_eager._all_finite(x)
+    for values in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
+        bad = x.clone()
+        bad.view(-1)[: len(values)] = torch.tensor(values, dtype=dtype)
+        assert not tail_eager._all_finite(bad)
+    # fp16's largest values sum past fp16's range: the sum is taken in fp32
+    assert tail_eager._all_finite(torch.full((64,), 60000.0, dtype=torch.float16))
+
+
+def test_all_finite_may_refuse_finite_values_whose_sum_overflows():
+    """The conservative side: the full backward, slower and still right."""
+    assert not tail_eager._all_finite(torch.full((4,), 3e38))
+
+
 def test_common_positions_only_when_every_sequence_has_them():
     rows = torch.tensor([2, 6, 10, 14])  # B 2, T 8: positions 2 and 6 in each
     assert tail_eager.common_positions(rows, 2, 8).tolist() == [2, 6]

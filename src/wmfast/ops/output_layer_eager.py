@@ -27,6 +27,16 @@ from wmfast.ops.tail_eager import rows_to_compute
 
 Tensor = torch.Tensor
 
+# rows * d * vocab (the multiply-adds of one of the backward's products) from
+# which the Function runs: below, finding and gathering the rows and the
+# Python Function cost more than the products they spare. Measured on 2 CPU
+# cores, the layer's forward and backward with every 4th row read,
+# alternating with F.linear: 2^22 (1024, 64 -> 64) 0.67x; 2^24-2^25 0.91-1.09x
+# (1024, 256 -> 64; 2048, 128 -> 128; 4096, 64 -> 128; ...); 2^26 (4096,
+# 256 -> 64; 2048, 256 -> 128) 1.14-1.21x; 1024, 256 -> 350 1.26x; 16384,
+# 256 -> 350 1.42x; tiny layers (64-256 rows, 16 -> 50) 0.43-0.48x.
+MIN_PRODUCTS = 2**26
+
 
 class _OutputLayer(torch.autograd.Function):
     @staticmethod
@@ -68,14 +78,15 @@ def _differentiable_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, bias:
 def output_layer(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)``, x: (..., d) -> (..., vocab).
 
-    Takes the row-sparse backward on CPU tensors when autograd records the
-    call, there is a bias, all three share a dtype, and
+    Takes the row-sparse backward from MIN_PRODUCTS up, on CPU tensors when
+    autograd records the call, there is a bias, all three share a dtype, and
     ``backends.eager_functions_allowed`` (no torch.compile, torch.func
     transform or autocast); otherwise the plain op. (On CUDA, finding the
     rows would be a host-device sync per backward.)"""
     tensors = (x, weight, bias)
     if not (
-        bias is not None
+        x.numel() * weight.shape[0] >= MIN_PRODUCTS
+        and bias is not None
         and x.device.type == weight.device.type == bias.device.type == "cpu"
         and torch.is_grad_enabled()
         and any(t.requires_grad for t in tensors)
