@@ -200,3 +200,28 @@ def test_gradients_of_gradients_match_nn_rnn(frozen_input):
     got = penalty_grads(rnn_eager.elman_rnn(x, weights, "tanh"))
     for g, w in zip(got, penalty_grads(rnn(x)[0]), strict=True):
         torch.testing.assert_close(g, w, **FP64_GRADS)
+
+
+@pytest.mark.parametrize("model_class", ["rnn", "lstm"])
+def test_cpu_training_reruns_are_bitwise_reproducible(monkeypatch, model_class):
+    """The written-out backward and the answer-row output layer (forced on at
+    this size) are deterministic: the same seed trains the same weights."""
+    from wmfast.ops import output_layer_eager
+
+    monkeypatch.setattr(output_layer_eager, "MIN_PRODUCTS", 0)
+
+    def weights_after_training():
+        torch.manual_seed(5)
+        config = small_config(model_class=model_class, act_fn="tanh")
+        model = build_model(config).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for step in range(3):
+            logits = model(random_ids(step, config.d_vocab, 2, 12))[:, 3::4]
+            logits.square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert model._fast.last_plan.output_layer == "answer rows"
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(weights_after_training(), weights_after_training(), strict=True):
+        assert torch.equal(a, b)
