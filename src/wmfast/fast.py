@@ -46,8 +46,10 @@ from wmfast.models.transformer import TransformerModel
 from wmfast.models.transformer_functional import (
     Statics,
     TransformerWeights,
+    _is,
     _tensor,
     _torch_embedding_rotation,
+    _weight_or_bias_is_none,
     fast_path_mismatch,
     gather_weights,
     statics_of,
@@ -390,13 +392,14 @@ class FastRunner:
 def _recurrent_path_mismatch(model: nn.Module, plan: Plan) -> str | None:
     """Why the recurrent model's own path under ``plan`` would not compute what
     its modules compute (a module changed after building), or None when it
-    does: the output layer must be a plain nn.Linear with a bias, and for
+    does: the output layer must be an nn.Linear with its weight and bias
+    (parametrized or not, as the transformers' check allows), and for
     "bptt" rnn_core the RNNCore around an nn.RNN that wmfast.ops.rnn_eager
     computes."""
     if plan.recurrence == plan.output_layer == "module":
         return None  # the modules themselves run
     output = model._modules["output_layer"]
-    if type(output) is not nn.Linear or output.bias is None:
+    if not _is(output, nn.Linear) or _weight_or_bias_is_none(output):
         return "output_layer is not an nn.Linear with a bias"
     if plan.recurrence != "bptt":
         return None

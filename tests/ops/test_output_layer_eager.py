@@ -12,9 +12,14 @@ from hypothesis import strategies as st
 
 from wmfast.ops import output_layer_eager
 
-from ..helpers import FP32_GRADS, count_applies, random_ids, reference_and_fast, small_config
-
-FP64_GRADS = dict(rtol=1e-10, atol=1e-12)
+from ..helpers import (
+    FP32_GRADS,
+    FP64_GRADS,
+    count_applies,
+    random_ids,
+    reference_and_fast,
+    small_config,
+)
 
 # which rows of the logits' gradient are nonzero: workingmem's answers, all,
 # none, or a few scattered ones

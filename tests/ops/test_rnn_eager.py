@@ -14,10 +14,14 @@ from torch import nn
 from wmfast import build_model
 from wmfast.ops import rnn_eager
 
-from ..helpers import FP32_GRADS, count_applies, random_ids, reference_and_fast, small_config
-
-# fp64 gradients: the products sum the steps in another order, nothing else
-FP64_GRADS = dict(rtol=1e-10, atol=1e-12)
+from ..helpers import (
+    FP32_GRADS,
+    FP64_GRADS,
+    count_applies,
+    random_ids,
+    reference_and_fast,
+    small_config,
+)
 
 
 def _rnn(seed, d_in, hidden, layers, nonlinearity, dtype):
