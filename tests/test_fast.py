@@ -29,6 +29,7 @@ from wmfast import fast as wf
 from wmfast.check import cudnn_off_for_eval_rnn_backward
 from wmfast.fast import FastOptions, describe, make_fast, make_reference
 from wmfast.models.transformer_functional import fast_path_mismatch
+from wmfast.ops import output_layer_eager
 
 from .helpers import (
     AUTOCAST_LOGITS,
@@ -718,13 +719,20 @@ def test_a_compile_is_announced_once_per_configuration_not_per_model(caplog, mon
         assert caplog.text.count("torch.compile may take") == 2
 
 
+def _own_path_runs(monkeypatch) -> list:
+    """A list that gets an entry each time a fast transformer runs its own
+    (uncompiled) path, as CPU calls with grad do."""
+    runs = []
+    real_forward = wf.transformer_forward
+    monkeypatch.setattr(
+        wf, "transformer_forward", lambda *a, **k: runs.append(1) or real_forward(*a, **k)
+    )
+    return runs
+
+
 def test_forward_hooks_make_the_fast_model_take_its_module_path(monkeypatch):
     reference, fast = reference_and_fast(small_config(positional_embedding_type="rotary_qk"))
-    runs = []
-    real_call = wf.FastRunner.__call__
-    monkeypatch.setattr(
-        wf.FastRunner, "__call__", lambda self, *a, **k: runs.append(1) or real_call(self, *a, **k)
-    )
+    runs = _own_path_runs(monkeypatch)
     seen = []
     rotary = fast.transformer_encoder.layers[1].self_attn.rotary
     handle = rotary.register_forward_hook(lambda m, a, out: seen.append(out[0].shape))
@@ -754,11 +762,7 @@ def test_backward_hooks_fire_on_the_fast_model_as_on_the_reference(monkeypatch, 
     path no submodule is called, so a fast model with one takes its module
     path, and the hook sees the gradients the reference's sees."""
     reference, fast = reference_and_fast(small_config(positional_embedding_type="rotary_qk"))
-    runs = []
-    real_call = wf.FastRunner.__call__
-    monkeypatch.setattr(
-        wf.FastRunner, "__call__", lambda self, *a, **k: runs.append(1) or real_call(self, *a, **k)
-    )
+    runs = _own_path_runs(monkeypatch)
     ids = random_ids(3, 50, 2, 5)
     seen = {}
     for name, model in (("reference", reference), ("fast", fast)):
@@ -866,11 +870,12 @@ def test_an_unchanged_tree_keeps_the_fast_path_through_copies_and_casts():
 
 
 @pytest.mark.parametrize("model_class, core", [("rnn", "rnn_core"), ("lstm", "lstm_core")])
-def test_recurrent_fast_models_with_hooks_run_their_modules(model_class, core):
+def test_recurrent_fast_models_with_hooks_run_their_modules(model_class, core, monkeypatch):
     """Their CPU training calls skip the core (the RNN) and the output layer
     module (wmfast.ops.rnn_eager, output_layer_eager): a hook on a submodule
     sends the call through the modules, where it fires, with the
     reference's output bit for bit."""
+    monkeypatch.setattr(output_layer_eager, "MIN_PRODUCTS", 1)  # its row backward at this size
     config = small_config(model_class=model_class, act_fn="tanh")
     reference, fast = reference_and_fast(config)
     seen = []
@@ -882,6 +887,57 @@ def test_recurrent_fast_models_with_hooks_run_their_modules(model_class, core):
     fast(ids)
     assert fast._fast.last_plan.output_layer == "answer rows"  # the runner ran
     assert fast._fast.last_plan.recurrence == ("bptt" if model_class == "rnn" else "module")
+
+
+@pytest.mark.parametrize("model_class", ["rnn", "lstm"])
+def test_recurrent_calls_that_run_the_modules_skip_the_plan(model_class, monkeypatch):
+    """No-grad calls, and an LSTM training call whose output layer is below
+    output_layer_eager's size, run the modules before any other question:
+    no plan, no hook walk (host time that small calls showed)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("asked the plan or the hook walk")
+
+    monkeypatch.setattr(wf.FastRunner, "plan", refuse)
+    monkeypatch.setattr(wf, "hooks_registered", refuse)
+    config = small_config(model_class=model_class, act_fn="tanh")
+    reference, fast = reference_and_fast(config)
+    ids = random_ids(4, config.d_vocab, 2, 5)
+    with torch.no_grad():
+        assert torch.equal(fast(ids), reference(ids))
+    assert fast._fast.last_plan == wf._RECURRENT_MODULES
+    if model_class == "lstm":  # with grad: the LSTM's own path would be its modules here
+        assert not output_layer_eager.large_enough(ids.numel() * config.d_hidden, config.d_vocab)
+        fast._fast.last_plan = None
+        assert torch.equal(fast(ids), reference(ids))
+        assert fast._fast.last_plan == wf._RECURRENT_MODULES
+
+
+def test_rnn_training_plan_says_when_its_output_layer_is_below_the_row_backwards_size():
+    config = small_config(model_class="rnn", act_fn="tanh")
+    reference, fast = reference_and_fast(config)
+    ids = random_ids(5, config.d_vocab, 2, 5)
+    torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+    plan = fast._fast.last_plan
+    assert (plan.recurrence, plan.output_layer) == ("bptt", "module")
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_recurrent_calls_modules_agrees_with_the_recurrent_rules(device, grad):
+    """Where the runner's first question says "modules", the rules it skips
+    say "module" too, whatever else holds."""
+    ids = torch.zeros(2, 3, dtype=torch.long, device=device)
+    with torch.set_grad_enabled(grad):
+        calls_modules = backends.recurrent_calls_modules(ids)
+    assert calls_modules == (device != "cpu" or not grad)
+    if calls_modules:
+        for model_class, dtype, records in itertools.product(
+            ("rnn", "lstm"), (torch.float32, torch.float64), (False, grad)
+        ):
+            device_ = torch.device(device)
+            assert backends.resolve_recurrence(model_class, device_, dtype, records) == "module"
+            assert backends.resolve_output_layer(device_, records) == "module"
 
 
 # -- dropout, determinism -------------------------------------------------------------

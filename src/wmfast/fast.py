@@ -5,11 +5,12 @@ A fast model IS a reference model (same classes, same ``named_modules()``
 paths, same state_dict keys) with two differences:
 
 * ``model._fast`` holds a ``FastRunner``. The root forward checks its input,
-  then, unless an nnsight trace runs through the model, hands the call to the
-  runner, which runs ``transformer_forward`` (one function of the weights;
-  compiled where wmfast.backends' rules say so). During a trace the root
-  forward takes the module path instead, so every documented submodule is
-  called and ``.output``/``.input``/edits/``.grad`` work as on the reference.
+  then hands the call to the runner, which, unless an nnsight trace runs
+  through the model or hooks are registered in it, runs
+  ``transformer_forward`` (one function of the weights; compiled where
+  wmfast.backends' rules say so). During a trace it takes the module path
+  instead, so every documented submodule is called and
+  ``.output``/``.input``/edits/``.grad`` work as on the reference.
 * Its rotary modules (``pos_encoder`` of "rotary", ``self_attn.rotary`` of
   "rotary_qk") use the Triton kernels where the rules pick them, also on the
   traced path.
@@ -40,8 +41,9 @@ from torch import nn
 
 from wmfast import backends
 from wmfast.attention_backends import CAUSAL_ATTENTION
+from wmfast.interp import hooks_registered, trace_active
 from wmfast.models.base import WorkingMemoryModel
-from wmfast.models.recurrent import RNNCore, RNNModel
+from wmfast.models.recurrent import LSTMModel, RNNCore, RNNModel
 from wmfast.models.transformer import TransformerModel
 from wmfast.models.transformer_functional import (
     Statics,
@@ -112,6 +114,16 @@ class Plan(NamedTuple):
     recurrence: str = "none"  # RNN/LSTM: "module" or "bptt" (wmfast.backends)
     output_layer: str = "none"  # RNN/LSTM: "module" or "answer rows" (wmfast.backends)
 
+
+# what a recurrent call runs where only its modules can (backends.recurrent_calls_modules)
+_RECURRENT_MODULES = Plan(
+    compiled=False,
+    rotary="none",
+    attention="none (recurrent)",
+    norm="none",
+    recurrence="module",
+    output_layer="module",
+)
 
 _COMPILED: dict[tuple, Callable] = {}
 # the _COMPILED keys whose first call was announced in this process: another
@@ -306,10 +318,14 @@ class FastRunner:
     def __call__(
         self, model: nn.Module, input_ids: torch.Tensor, record: Callable | None = None
     ) -> torch.Tensor:
-        """The untraced forward. ``record`` (see transformer_forward) forces the
-        uncompiled path: it is for locating a divergence, not for speed."""
+        """A fast model's forward, after its input check: the own path, or the
+        module path where an nnsight trace or hooks need the submodules called.
+        ``record`` (see transformer_forward) forces the own path, uncompiled:
+        it is for locating a divergence, not for speed."""
         if not isinstance(model, TransformerModel):
             return self._recurrent(model, input_ids)
+        if record is None and _submodules_must_run(model):
+            return model.forward_modules(input_ids)
         mismatch = fast_path_mismatch(model)
         if mismatch is not None:
             return self._module_path(model, input_ids, mismatch)
@@ -349,7 +365,22 @@ class FastRunner:
         return out
 
     def _recurrent(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        # Cheap questions first, before the trace and hook checks and the plan:
+        # most calls run the modules whatever those say, and at small sizes
+        # their host time showed (2 cores, B 8, T 32, d 32: the no-grad forward
+        # 0.94x of the reference, an LSTM training call 0.95x; both ~1.0x now).
+        # An LSTM's own path is its modules but for the output layer's backward
+        # (backends.resolve_recurrence), which below its size is F.linear's.
+        if backends.recurrent_calls_modules(input_ids) or (
+            isinstance(model, LSTMModel) and not _output_rows_pay(model, input_ids)
+        ):
+            self.last_plan = _RECURRENT_MODULES
+            return model.forward_modules(input_ids)
+        if _submodules_must_run(model):
+            return model.forward_modules(input_ids)
         plan = self.plan(model, input_ids.device)
+        if plan.output_layer == "answer rows" and not _output_rows_pay(model, input_ids):
+            plan = plan._replace(output_layer="module")  # what output_layer_eager runs then
         if plan.recurrence == plan.output_layer == "module":
             self.last_plan = plan
             return model.forward_modules(input_ids)  # cuDNN recurrence: see module docstring
@@ -387,6 +418,24 @@ class FastRunner:
             output_layer="none" if transformer else "module",
         )
         return model.forward_modules(input_ids)
+
+
+def _output_rows_pay(model: nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether a recurrent model's output layer is large enough for
+    output_layer_eager's row backward; True for another module than an
+    nn.Linear, so that the mismatch check names it (_recurrent_path_mismatch)."""
+    output = model._modules["output_layer"]
+    if not isinstance(output, nn.Linear):
+        return True
+    return output_layer_eager.large_enough(
+        input_ids.numel() * output.in_features, output.out_features
+    )
+
+
+def _submodules_must_run(model: nn.Module) -> bool:
+    """Whether an nnsight trace runs through the model or hooks are registered
+    in it: then only the module path shows them what the reference does."""
+    return trace_active(model) or hooks_registered(model)
 
 
 def _recurrent_path_mismatch(model: nn.Module, plan: Plan) -> str | None:

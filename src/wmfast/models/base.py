@@ -5,18 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wmfast.interp import hooks_registered, trace_active
 from wmfast.models.inputs import check_input_ids
 
 
 class WorkingMemoryModel(nn.Module):
     """Base of TransformerModel, RNNModel and LSTMModel.
 
-    forward checks the input (wmfast.models.inputs), then runs the fast
-    variant's runner (``_fast``, set on fast models by wmfast.fast) unless an
-    nnsight trace runs through the model or forward hooks are registered on its
-    submodules; otherwise ``forward_modules``, the path through every
-    documented submodule.
+    forward checks the input (wmfast.models.inputs), then runs
+    ``forward_modules``, the path through every documented submodule, or on
+    fast models their runner (``_fast``, set by wmfast.fast), which takes that
+    path too where an nnsight trace or hooks need the submodules called.
     """
 
     _fast = None  # wmfast.fast.FastRunner on fast models
@@ -36,9 +34,7 @@ class WorkingMemoryModel(nn.Module):
         check_input_ids(input_ids, self.d_vocab, self.n_ctx_limit, self.check_token_ids)
         if self._fast is None:
             return self.forward_modules(input_ids)
-        if not (trace_active(self) or hooks_registered(self)):
-            return self._fast(self, input_ids)
-        return self.forward_modules(input_ids)
+        return self._fast(self, input_ids)
 
     def forward_modules(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

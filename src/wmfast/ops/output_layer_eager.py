@@ -39,6 +39,13 @@ Tensor = torch.Tensor
 MIN_PRODUCTS = 2**26
 
 
+def large_enough(x_numel: int, vocab: int) -> bool:
+    """Whether a layer with ``x_numel`` input elements (rows x d) and ``vocab``
+    outputs reaches MIN_PRODUCTS, from which ``output_layer`` takes the row
+    backward."""
+    return x_numel * vocab >= MIN_PRODUCTS
+
+
 class _OutputLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -86,7 +93,7 @@ def output_layer(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     rows would be a host-device sync per backward.)"""
     tensors = (x, weight, bias)
     if not (
-        x.numel() * weight.shape[0] >= MIN_PRODUCTS
+        large_enough(x.numel(), weight.shape[0])
         and bias is not None
         and x.device.type == weight.device.type == bias.device.type == "cpu"
         and torch.is_grad_enabled()
