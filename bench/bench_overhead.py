@@ -7,7 +7,10 @@ the step. The fast variant runs compiled here on every device
 (``compile="always"``; the CPU rule would run the training step eagerly), so
 the difference to torch.compile(reference) is the fast runner's own per-call
 work: the input check, the trace and hook checks, gathering the weights and
-picking the compiled graph. Groups: ``overhead/{direction}/{device}``.
+picking the compiled graph. The tiny RNN and LSTM (same sizes) time the
+recurrent fast variant's runner against the reference's call: it runs the
+reference's modules for most calls (no grad, CUDA) and must cost ~nothing
+there. Groups: ``overhead/{model}/{direction}/{device}``.
 
 On CUDA two more rows split fast's extra host time ("h100-3": training step
 4.96 ms against torch.compile's 4.21, forward 0.42 against 0.34) between the
@@ -29,24 +32,28 @@ from wmfast.fast import make_fast
 from .bench_models import build_impl, sir_batch, timed_call
 from .timing import alternating_speedup, time_it
 
-MODEL = "transformer/rotary_qk"
+TRANSFORMER = "transformer/rotary_qk"
 FIELDS = dict(d_model=16, n_heads=2, n_layers=2, d_mlp=0, dropout=0.1, d_hidden=16)
 BATCH, TRIALS = 2, 2  # T = 4 * TRIALS = 8
-IMPLS = [
+TRANSFORMER_IMPLS = [
     "reference",
     "torch_compile",
     "fast_compiled",
     "fast_compiled_torch_kernels",
     "fast_compiled_static_launch",
 ]
+RECURRENT_IMPLS = ["reference", "fast"]  # the compile options do not apply to them
+CASES = [(TRANSFORMER, impl) for impl in TRANSFORMER_IMPLS] + [
+    (model, impl) for model in ("rnn", "lstm") for impl in RECURRENT_IMPLS
+]
 CALLS = 50  # per timed round: each call takes well under a millisecond of work
 ALTERNATING_ROUNDS = 50
 
 
-def _impl(impl: str, device: torch.device):
-    if impl in ("reference", "torch_compile"):
-        return build_impl(MODEL, impl, FIELDS, device)
-    reference = build_impl(MODEL, "reference", FIELDS, device)
+def _impl(model: str, impl: str, device: torch.device):
+    if impl in ("reference", "torch_compile", "fast"):
+        return build_impl(model, impl, FIELDS, device)
+    reference = build_impl(model, "reference", FIELDS, device)
     if impl == "fast_compiled_torch_kernels":
         return make_fast(reference, compile="always", rotary="torch", norm="torch")
     return make_fast(reference, compile="always")  # fast_compiled(_static_launch)
@@ -69,16 +76,16 @@ def _compile_with_static_launch(fn) -> None:
         fn()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model, impl", CASES)
 @pytest.mark.parametrize("direction", ["forward", "train_step"])
-def bench_overhead(benchmark, device, smoke, direction, impl):
+def bench_overhead(benchmark, device, smoke, direction, model, impl):
     if impl in ("fast_compiled_torch_kernels", "fast_compiled_static_launch") and (
         device.type != "cuda"
     ):
         pytest.skip("same as fast_compiled off CUDA: the CPU rules take torch's code")
-    benchmark.group = f"overhead/{direction}/{device.type}"
+    benchmark.group = f"overhead/{model}/{direction}/{device.type}"
     batch = sir_batch(BATCH, TRIALS, device)
-    fn = timed_call(_impl(impl, device), direction, batch, "fp32")
+    fn = timed_call(_impl(model, impl, device), direction, batch, "fp32")
     if impl == "fast_compiled_static_launch":
         _compile_with_static_launch(fn)
     time_it(
@@ -87,7 +94,7 @@ def bench_overhead(benchmark, device, smoke, direction, impl):
         device,
         calls=1 if smoke else CALLS,
         rounds=10,
-        model=MODEL,
+        model=model,
         impl=impl,
         direction=direction,
         shape="tiny_overhead",
@@ -98,7 +105,7 @@ def bench_overhead(benchmark, device, smoke, direction, impl):
     )
     if impl != "reference" and not smoke:
         # the same guard against slow spells as in bench_models
-        reference = timed_call(_impl("reference", device), direction, batch, "fp32")
+        reference = timed_call(_impl(model, "reference", device), direction, batch, "fp32")
         benchmark.extra_info["alternating_speedup"] = alternating_speedup(
             reference, fn, device, ALTERNATING_ROUNDS
         )

@@ -65,7 +65,10 @@
 #      tiny training step against torch.compile's 4.21, and at the small
 #      shape fast lost to torch.compile for None, standard and rotary_qk;
 #      bench_overhead's new rows split it between the runner and the
-#      user-defined Triton kernels' launcher; then RNN/LSTM at the small shape)
+#      user-defined Triton kernels' launcher; on the CPU the runner's own
+#      work before the compiled call measured ~126 us, the size of that gap
+#      (bench/results/README.md, stop 26); the tiny RNN/LSTM rows check
+#      that their runner costs ~nothing; then RNN/LSTM at the small shape)
 # A session has 30 minutes of device time; a fresh machine takes ~30 s to
 # start and stays warm 30 s after a call, so a call made at once after the
 # last one skips both the start and the setup. Set WMFAST_CALL_LIMIT (seconds)
