@@ -384,6 +384,28 @@ def test_compiled_fast_equals_reference_no_grad(compiled_pairs, device, name, se
         assert describe(fast)["compiled_no_grad"] is True
 
 
+def test_the_plan_is_worked_out_once_per_call_context(compiled_pairs, monkeypatch):
+    """FastRunner._setup keeps a transformer call's plan per context: a call
+    in another context (the grad mode here; torch.func in the vmap test) gets
+    its own, and a context seen before asks the rules nothing."""
+    reference, fast = compiled_pairs("cpu", "transformer-rotary_qk")
+    reference.eval(), fast.eval()
+    fast._fast._setups.clear()
+    asked = []
+    real_plan = wf.FastRunner.plan
+    monkeypatch.setattr(
+        wf.FastRunner,
+        "plan",
+        lambda self, *a, **k: asked.append(torch.is_grad_enabled()) or real_plan(self, *a, **k),
+    )
+    ids = random_ids(29, 50, 2, 9)
+    for grad in (False, True, False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+        assert fast._fast.last_plan.compiled is (not grad)  # the CPU rule
+    assert asked == [False, True]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_always_trains_like_the_reference(device):
     # the CPU rule does not compile the training step; "always" does (CUDA's rule
@@ -668,6 +690,9 @@ def test_vmap_runs_the_plain_math_where_the_rules_would_compile():
     reference, fast = reference_and_fast(small_config(positional_embedding_type="rotary_qk"))
     reference.eval(), fast.eval()
     ids = random_ids(19, 50, 3, 9)
+    with torch.no_grad():  # the plan kept for this context (FastRunner._setup) compiles
+        fast(ids[:2])  # (COMPILED_CONFIGS' shape: no compile of its own)
+    assert fast._fast.last_plan.compiled is True
     outs = []
     for model in (reference, fast):
         model.check_token_ids = False
