@@ -94,5 +94,14 @@ def test_the_ran_column_names_the_training_choices_where_they_differ():
     assert _ran(SimpleNamespace(ran=cpu_rnn)) == "module path; training: bptt, answer-row output"
     cpu_lstm = dict(cpu_rnn, recurrence_with_grad="module")
     assert _ran(SimpleNamespace(ran=cpu_lstm)) == "module path; training: answer-row output"
-    cuda = dict(recurrent, recurrence_with_grad="module", output_layer_with_grad="module")
-    assert _ran(SimpleNamespace(ran=cuda)) == "module path (cuDNN on CUDA)"
+    # where the check recorded its last call (a training one), what that ran
+    small_rnn = dict(cpu_rnn, last_call=dict(recurrence="bptt", output_layer="module"))
+    assert _ran(SimpleNamespace(ran=small_rnn)) == "module path; training: bptt"
+    small_lstm = dict(
+        cpu_lstm, device="cpu", last_call=dict(recurrence="module", output_layer="module")
+    )
+    assert _ran(SimpleNamespace(ran=small_lstm)) == "module path"
+    cuda = dict(
+        recurrent, device="cuda:0", recurrence_with_grad="module", output_layer_with_grad="module"
+    )
+    assert _ran(SimpleNamespace(ran=cuda)) == "module path (cuDNN)"

@@ -50,17 +50,21 @@ def _ran(model) -> str:
     if ran.get("module_path_reason"):
         return f"module path ({ran['module_path_reason']})"
     if ran.get("attention") == "none (recurrent)":
+        # what the check's last call, a training one, ran where it is recorded
+        # (below output_layer_eager's size the output layer stays nn.Linear);
+        # else what the rules pick with grad
+        last = ran.get("last_call") or {}
         training = [
             name
-            for key, choice, name in (
-                ("recurrence_with_grad", "bptt", "bptt"),
-                ("output_layer_with_grad", "answer rows", "answer-row output"),
+            for key, rule_key, choice, name in (
+                ("recurrence", "recurrence_with_grad", "bptt", "bptt"),
+                ("output_layer", "output_layer_with_grad", "answer rows", "answer-row output"),
             )
-            if ran.get(key) == choice
+            if last.get(key, ran.get(rule_key)) == choice
         ]
         if training:
             return f"module path; training: {', '.join(training)}"
-        return "module path (cuDNN on CUDA)"
+        return "module path (cuDNN)" if ran.get("device", "").startswith("cuda") else "module path"
     if ran.get("compiled_with_grad"):
         compiled = "compiled"
     elif ran.get("compiled_no_grad"):
