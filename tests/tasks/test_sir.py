@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -56,6 +58,35 @@ def test_same_seed_same_data_and_different_seeds_differ():
     assert torch.equal(a[5]["token_ids"], b[5]["token_ids"])
     assert not torch.equal(a[5]["token_ids"], SIRDataset(seq_len=30, seed=4)[5]["token_ids"])
     assert not torch.equal(a[5]["token_ids"], a[6]["token_ids"])
+
+
+@pytest.mark.parametrize(
+    "fields, index, digest",
+    [
+        (dict(seed=0), 0, "0e4d93b21bedc981"),
+        (dict(seed=0), 9999, "71ed730e943a2aee"),
+        (dict(seed=42, concurrent_reg=5, concurrent_items=8, seq_len=37), 3, "6d54b4b04454c26b"),
+        (dict(seed=7, ignore_prob=0.0, same_prob=1.0, seq_len=10), 1, "652a38e77fb58fc5"),
+    ],
+)
+def test_a_seed_keeps_its_sequences(fields, index, digest):
+    """Datasets are named by their seed in experiments: the sequences of a
+    (seed, index) must not change between versions. The digests are of the
+    sequences as the first generator wrote them (one rng.choice per draw)."""
+    tokens = SIRDataset(SIRConfig(n_sequences=10_000, **fields))[index]["token_ids"]
+    assert hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16] == digest
+
+
+def test_the_cache_returns_what_generation_gives_and_keeps_it_from_edits():
+    cached, fresh = SIRDataset(seq_len=20, seed=5), SIRDataset(seq_len=20, seed=5, cache=False)
+    first = cached[3]
+    assert torch.equal(first["token_ids"], fresh[3]["token_ids"])
+    first["token_ids"].zero_()  # a caller's edit of an item it was given
+    first["answer_locations"].zero_()
+    again = cached[3]
+    assert torch.equal(again["token_ids"], fresh[3]["token_ids"])
+    assert torch.equal(again["answer_locations"], fresh[3]["answer_locations"])
+    assert again["token_ids"].dtype == torch.long and int(again["token_ids"].min()) > 0
 
 
 def test_labels_are_balanced_after_first_uses():
