@@ -335,16 +335,18 @@ def train(
                 with autocast(dtype, device):
                     logits = model(batch.input_ids.to(device, non_blocking=True))
                 loss, _ = masked_loss(logits, batch.to(device), config.sparsity, generator)
-                loss_value = float(
-                    loss.detach()
-                )  # one sync per step: progress and the NaN guard need it
-                if not math.isfinite(loss_value):
+                scaler.scale(loss).backward()
+                # one sync per step (progress and the NaN guard need the value),
+                # after the backward is queued: on a GPU the backward then runs
+                # while the host waits for the forward's loss, where a sync
+                # before it left the GPU idle while the host queued it
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):  # before the step: the weights stay finite
                     raise TrainingError(
                         f"loss is {loss_value} at epoch {epoch}, step {epoch_step}: training stopped and "
                         f"nothing was saved (the last good checkpoint in {checkpoint_dir} is intact); "
                         f"lower the learning rate or use precision='fp32'"
                     )
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
