@@ -164,12 +164,13 @@ def evaluate(
     with torch.no_grad(), _range_check_off(model):
         for raw in loader:
             batch = prepare_batch(raw, model.d_vocab, mask_answer_tokens)
+            labels.append(batch.labels)  # on the CPU, where the accuracy is counted
+            batch = batch.to(device)
             with autocast(dtype, device):
-                logits = model(batch.input_ids.to(device, non_blocking=True))
-            loss, answer_logits = masked_loss(logits, batch.to(device))
+                logits = model(batch.input_ids)
+            loss, answer_logits = masked_loss(logits, batch)
             losses.append(float(loss))
             predictions.append(answer_logits.argmax(-1).cpu())
-            labels.append(batch.labels)
     if not losses:
         raise ValueError("cannot evaluate on an empty dataset")
     predictions, labels = torch.cat(predictions), torch.cat(labels)
@@ -332,9 +333,10 @@ def train(
                     break
                 batch = prepare_batch(raw, model.d_vocab, config.mask_answer_tokens)
                 started = time.perf_counter()
+                batch = batch.to(device)  # once: the ids, the answer positions, the labels
                 with autocast(dtype, device):
-                    logits = model(batch.input_ids.to(device, non_blocking=True))
-                loss, _ = masked_loss(logits, batch.to(device), config.sparsity, generator)
+                    logits = model(batch.input_ids)
+                loss, _ = masked_loss(logits, batch, config.sparsity, generator)
                 scaler.scale(loss).backward()
                 # one sync per step (progress and the NaN guard need the value),
                 # after the backward is queued: on a GPU the backward then runs
