@@ -222,8 +222,9 @@ def test_nan_loss_stops_without_writing_nan_weights(tmp_path):
         )
     saved = torch.load(tmp_path / "best_model.pth", weights_only=True)
     assert all(torch.isfinite(v).all() for v in saved.values())
-    # the guard runs before the optimizer step: the model in memory is intact too
-    assert all(torch.isfinite(p).all() for p in wrapper.model.parameters())
+    # the guard runs before the optimizer step: the model in memory is intact
+    # too, and holds no NaN gradient that a second train() would add to
+    assert all(torch.isfinite(p).all() and p.grad is None for p in wrapper.model.parameters())
 
 
 def test_a_directory_holding_a_run_is_never_silently_overwritten(tmp_path):

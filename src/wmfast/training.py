@@ -344,6 +344,8 @@ def train(
                 # before it left the GPU idle while the host queued it
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):  # before the step: the weights stay finite
+                    # and no NaN gradient is left to add into a later run's first step
+                    optimizer.zero_grad(set_to_none=True)
                     raise TrainingError(
                         f"loss is {loss_value} at epoch {epoch}, step {epoch_step}: training stopped and "
                         f"nothing was saved (the last good checkpoint in {checkpoint_dir} is intact); "
