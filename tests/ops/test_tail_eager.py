@@ -16,7 +16,14 @@ from wmfast.ops import tail_eager
 from wmfast.tasks.sir import SIRConfig, SIRDataset
 from wmfast.training import masked_loss, prepare_batch
 
-from ..helpers import FP32_GRADS, FP32_LOGITS, count_applies, reference_and_fast, small_config
+from ..helpers import (
+    FP32_GRADS,
+    FP32_LOGITS,
+    POSITIONAL_TYPES,
+    count_applies,
+    reference_and_fast,
+    small_config,
+)
 
 EPS = 1e-5
 FP64 = dict(rtol=1e-10, atol=1e-12)
@@ -30,6 +37,17 @@ def _composition(q, k, v, x, wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu,
     h = F.layer_norm(x + F.linear(attn, wo, bo), (d_model,), n1w, n1b, EPS)
     y = F.layer_norm(h + F.linear(act(F.linear(h, w1, b1)), w2, b2), (d_model,), n2w, n2b, EPS)
     return F.linear(y, wu, bu)
+
+
+def _dropped_composition(a, x, wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu, act_fn, masks):
+    """The reference's modules from the heads-merged attention output on, each
+    dropout as its mask (B, T, width): ``x + dropout1(sa)`` and so on."""
+    act = F.gelu if act_fn == "gelu" else F.relu
+    m1, m_ffn, m2 = masks
+    d_model = x.shape[-1]
+    h = F.layer_norm(x + F.linear(a, wo, bo) * m1, (d_model,), n1w, n1b, EPS)
+    ff = F.linear(act(F.linear(h, w1, b1)) * m_ffn, w2, b2) * m2
+    return F.linear(F.layer_norm(h + ff, (d_model,), n2w, n2b, EPS), wu, bu)
 
 
 def _tail(*tensors_and_act_fn):
@@ -99,6 +117,73 @@ def test_tail_equals_the_composition(
     torch.testing.assert_close(out, want, **logits_tol)
     for got, expected in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got, expected, **grads_tol)
+
+
+def _masks(seed, batch, seq_len, widths, p, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.rand(batch, seq_len, w, generator=gen, dtype=torch.float64) >= p).to(dtype) / (1 - p)
+        for w in widths
+    ]
+
+
+@given(
+    batch=st.integers(1, 3),
+    seq_len=st.sampled_from([1, 4, 9, 16]),
+    d_model=st.sampled_from([2, 8, 24]),
+    d_mlp=st.sampled_from([0, 1, 8, 40]),
+    vocab=st.sampled_from([3, 17]),
+    act_fn=st.sampled_from(["relu", "gelu"]),
+    pattern=st.sampled_from(["all", "answers", "ragged", "one", "none"]),
+    p=st.sampled_from([0.1, 0.5]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_tail_after_dropped_attention_equals_the_composition(
+    batch, seq_len, d_model, d_mlp, vocab, act_fn, pattern, p, dtype, seed
+):
+    """The training-with-dropout tail: given the attention's output and the
+    layer's masks, the same logits and gradients (attention output, layer
+    input, every weight) as the modules, whichever rows the loss reads."""
+    # _inputs' q, k, v stand in for nothing here: a (B, T, d) takes q's place
+    tensors = _inputs(seed, batch, seq_len, 1, d_model, d_mlp, vocab, dtype)[2:]
+    tensors[0] = tensors[0].reshape(batch, seq_len, d_model)  # v's draw as the attention output
+    masks = _masks(seed + 2, batch, seq_len, (d_model, d_mlp, d_model), p, dtype)
+    row_weights = _row_weights(pattern, batch, seq_len, vocab, seed + 1, dtype)
+    flat_masks = [m.reshape(batch * seq_len, -1) for m in masks]
+
+    def tail(*leaves_and_act_fn):
+        *leaves, act_fn = leaves_and_act_fn
+        apply = tail_eager._TailAfterDroppedAttention.apply
+        return apply(*leaves, EPS, act_fn == "gelu", *flat_masks)
+
+    def composition(*leaves_and_act_fn):
+        return _dropped_composition(*leaves_and_act_fn, masks)
+
+    out, grads = _run(tail, tensors, row_weights, act_fn)
+    want, want_grads = _run(composition, tensors, row_weights, act_fn)
+    logits_tol, grads_tol = (FP64, FP64) if dtype == torch.float64 else (FP32_LOGITS, FP32_GRADS)
+    torch.testing.assert_close(out, want, **logits_tol)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected, **grads_tol)
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_dropout_masks_are_what_f_dropout_draws_in_the_references_order(time_major):
+    x = torch.randn(3, 5, 8)
+    torch.manual_seed(4)
+    m1, m_ffn, m2 = tail_eager.dropout_masks(x, 6, 0.3, time_major)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(4)
+    first = torch.ones(5, 3, 8) if time_major else torch.ones(3, 5, 8)
+    want1 = F.dropout(first, 0.3, True)
+    want1 = want1.transpose(0, 1) if time_major else want1
+    want_ffn = F.dropout(torch.ones(3, 5, 6), 0.3, True)
+    want2 = F.dropout(torch.ones(3, 5, 8), 0.3, True)
+    for got, want in ((m1, want1), (m_ffn, want_ffn), (m2, want2)):
+        assert torch.equal(got, want.reshape(15, -1))
+    assert torch.equal(state, torch.random.get_rng_state())  # nothing more drawn
+    torch.testing.assert_close(m1.unique(), torch.tensor([0.0, 1 / 0.7]))  # dropped, or kept scaled
 
 
 def test_rows_to_compute_are_the_rows_the_loss_reads():
@@ -204,23 +289,66 @@ def test_cpu_training_reruns_through_it_are_bitwise_reproducible(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "changes, train, grad, used",
+    "changes, train, grad, min_width, used",
     [
-        (dict(), True, True, True),
-        (dict(dropout=0.1), False, True, True),  # eval: dropout is the identity
-        (dict(dropout=0.1), True, True, False),  # dropout masks in the tail
-        (dict(), True, False, False),  # no backward to save
-        (dict(d_model=16, n_heads=2), True, True, False),  # below MIN_D_MODEL
+        (dict(), True, True, 256, "tail"),
+        (dict(dropout=0.1), False, True, 256, "tail"),  # eval: dropout is the identity
+        (dict(dropout=0.1), True, True, 48, "dropped"),  # d_mlp 48 reaches the width
+        (dict(dropout=0.1), True, True, 49, None),  # neither d_model 32 nor d_mlp 48 does
+        (dict(), True, False, 256, None),  # no backward to save
+        (dict(d_model=16, n_heads=2), True, True, 256, None),  # below MIN_D_MODEL
     ],
 )
-def test_fast_transformer_uses_it_where_it_saves_work(monkeypatch, changes, train, grad, used):
-    calls = count_applies(monkeypatch, tail_eager._Tail)
+def test_fast_transformer_uses_it_where_it_saves_work(
+    monkeypatch, changes, train, grad, min_width, used
+):
+    calls = {
+        "tail": count_applies(monkeypatch, tail_eager._Tail),
+        "dropped": count_applies(monkeypatch, tail_eager._TailAfterDroppedAttention),
+    }
     monkeypatch.setattr(tail_eager, "MIN_D_MODEL", 32)
+    monkeypatch.setattr(tail_eager, "MIN_WIDTH_WITH_DROPOUT", min_width)
     config = small_config(positional_embedding_type="rotary_qk", **changes)
     model = build_model(config, fast_options=FastOptions(compile="never")).train(train)
     with torch.set_grad_enabled(grad):
         model(torch.randint(0, config.d_vocab, (2, 9)))
-    assert calls[0] == int(used)
+    assert {name: count[0] for name, count in calls.items()} == {
+        name: int(name == used) for name in calls
+    }
+
+
+@pytest.mark.parametrize(
+    "pe, d_mlp", [(pe, 48) for pe in POSITIONAL_TYPES] + [("rotary_qk", 0), (None, 0)]
+)
+@pytest.mark.parametrize("loss", ["answers", "all"])
+def test_cpu_training_with_dropout_through_it_draws_the_references_masks(
+    monkeypatch, pe, d_mlp, loss
+):
+    """As tests/test_fast.py's mask-for-mask test, with the tail in the last
+    layer (nn.MultiheadAttention's dropout1 draws in (T, B, d) order): the
+    same logits, gradients and random state afterwards as the reference."""
+    calls = count_applies(monkeypatch, tail_eager._TailAfterDroppedAttention)
+    monkeypatch.setattr(tail_eager, "MIN_TOKENS", 16)
+    monkeypatch.setattr(tail_eager, "MIN_WIDTH_WITH_DROPOUT", 32)
+    config = small_config(positional_embedding_type=pe, dropout=0.3, d_mlp=d_mlp, d_vocab=350)
+    reference, fast = reference_and_fast(config)
+    batch = _sir_batch(3, 6)
+
+    def train_step(model):
+        torch.manual_seed(17)
+        logits = model.train()(batch.input_ids)
+        value = masked_loss(logits, batch)[0] if loss == "answers" else logits.square().mean()
+        grads = torch.autograd.grad(value, list(model.parameters()))
+        return logits, grads, torch.random.get_rng_state()
+
+    (ref_logits, ref_grads, ref_state), (logits, grads, state) = map(train_step, (reference, fast))
+    assert calls[0] == 1
+    torch.testing.assert_close(logits, ref_logits, **FP32_LOGITS)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, **FP32_GRADS)
+    assert torch.equal(state, ref_state)
+    with torch.no_grad():
+        assert (logits - reference.eval()(batch.input_ids)).abs().max() > 1e-2  # dropout was active
 
 
 @pytest.mark.parametrize("min_tokens, used", [(18, True), (19, False)])

@@ -350,7 +350,9 @@ def transformer_forward(
     act_fn)``, if given, computes the logits from the last layer's causal
     attention on (SDPA's CPU kernels, in place of ``attend``), or returns None
     to leave that to the composition (wmfast.ops.tail_eager); not used with
-    ``record`` or with dropout active.
+    ``record``. In training with dropout it also takes ``dropout`` (p),
+    ``attend`` and ``time_major_dropout1``, and draws the layer's masks
+    itself, in the reference's order.
     ``add_norm(x, y, weight, bias, eps, p, training, low_dtype)`` computes
     ``layer_norm(x + dropout(y))`` after each block and returns it twice: for
     the residual stream and for the next matrix products, in
@@ -399,7 +401,7 @@ def transformer_forward(
     # nothing needs linear1's own output: no record, no dropout between the two
     fuse_mlp = statics.act_fn == "relu" and record is None and not dropping
     reordered_qk = rope is not None and rotated_qkv is not None and record is None
-    use_tail = tail is not None and record is None and not dropping
+    use_tail = tail is not None and record is None
     # nn.MultiheadAttention's output lies in memory as (T, B, d): see
     # _dropout_in_time_major_order (compiled code draws from its own stream)
     mha_layout = (
@@ -428,7 +430,8 @@ def transformer_forward(
                     note(f"{path}.self_attn.rotary", (q, k))
         if use_tail and i == last:
             args = (weights.output_weight, weights.output_bias, statics.eps, statics.act_fn)
-            logits = tail(q, k, v, x, w, *args)
+            dropout = dict(dropout=p, attend=attend, time_major_dropout1=mha_layout)
+            logits = tail(q, k, v, x, w, *args, **(dropout if dropping else {}))
             if logits is not None:
                 return logits
         attn = attend(q, k, v, p if train else 0.0).reshape(batch, seq_len, d_model)

@@ -21,6 +21,12 @@ gradients, which drop terms that are exactly zero: within rounding of the
 composition (the spec's tolerances), not bit for bit. With most rows nonzero
 (a loss on all positions) it runs on all rows, as autograd does.
 
+In training with dropout, the attention (whose dropout SDPA's kernel draws)
+runs before the tail under autograd, with a backward for every query; the
+tail draws the rest of the layer's masks as the reference does and applies
+them itself (``_TailAfterDroppedAttention``): the same seed gives the
+reference's masks, so CPU training keeps its mask-for-mask contract.
+
 Measured on 2 CPU cores at the CPU benchmark shape (B 32, T 128, d_model
 128, d_mlp 512, 2 layers, the answer loss), alternating in one process, the
 fast training step without and with it: None 106.8 -> 90.6 ms, rotary_qk
@@ -29,6 +35,8 @@ the attention's query rows is ~4 ms (its backward: 7.3 -> 3.1 ms).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +62,16 @@ MIN_TOKENS = 1024
 # rows only vs all rows): 1/4 of the rows 26.8 vs 47.6 ms, 1/2 35.5 vs
 # 45.8 ms, 3/4 42.3 vs 44.7 ms, 9/10 46.7 vs 44.6 ms
 MAX_SPARSE_FRACTION = 0.75
+
+# in training with dropout, from this d_model or d_mlp up. There the
+# attention's backward runs for every query (its dropout is drawn inside
+# SDPA's kernel), so less is spared, and the masks cost a pass each. Measured
+# on 2 CPU cores (answer loss, AdamW, p 0.1, alternating with the composition
+# in one process): d_model 32-128 at d_mlp 0-48, 1024 tokens, 0.93-0.99x;
+# d_model 128 d_mlp 256 1.03-1.10x; d_model 64 d_mlp 256 1.06x; d_model 256
+# d_mlp 0 1.02-1.05x; 512 at d_mlp 0 (workingmem's defaults) 1.05x;
+# d_model 128 d_mlp 512, 4096 tokens, 1.10-1.11x
+MIN_WIDTH_WITH_DROPOUT = 256
 
 
 def rows_to_compute(grad_logits: Tensor, multiplied: tuple[Tensor, ...]) -> Tensor | None:
@@ -137,6 +155,92 @@ def _attention_grads(d_out, q, k, v, out, lse, positions):
     return d_q, d_k, d_v
 
 
+_NO_MASKS = (None, None, None)
+
+
+def _dropped(t: Tensor, mask: Tensor | None) -> Tensor:
+    """``t`` with its dropout mask (0 or 1/(1-p)) applied in place; ``t`` as is without one."""
+    return t if mask is None else t.mul_(mask)
+
+
+def _rest_forward(a, x, weights, eps, gelu, masks):
+    """logits (N, vocab) from the heads-merged attention output ``a`` and the
+    layer input ``x`` (both (N, d)): out_proj, add & norm1, the feed-forward
+    block, add & norm2, output_layer, each dropout (dropout1, the block's,
+    dropout2) as its mask (N, width) or None. Also what _rest_backward reads."""
+    wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu = weights
+    m1, m_ffn, m2 = masks
+    r1 = _dropped(torch.addmm(bo, a, wo.t()), m1).add_(x)  # x + dropout1(self_attn(x))
+    h, mean1, rstd1 = _norm(r1, n1w, n1b, eps)  # norm1
+    u = torch.addmm(b1, h, w1.t())  # linear1, (N, d_mlp)
+    g = F.gelu(u) if gelu else u.relu_()  # ReLU's backward reads its output
+    ffn_in = g if m_ffn is None else g * m_ffn  # what linear2 takes
+    r2 = _dropped(torch.addmm(b2, ffn_in, w2.t()), m2).add_(h)  # h + dropout2(linear2(...))
+    y, mean2, rstd2 = _norm(r2, n2w, n2b, eps)  # norm2: the layer's output
+    logits = torch.addmm(bu, y, wu.t())  # output_layer, (N, vocab)
+    act_in = u if gelu else g  # what the activation's backward reads
+    kept = (a, r1, mean1, rstd1, h, act_in, None if ffn_in is act_in else ffn_in, r2, mean2,
+            rstd2, y, wo, n1w, n1b, w1, w2, n2w, n2b, wu, m1, m_ffn, m2)  # fmt: skip
+    return logits, kept
+
+
+def _rest_backward(dl, kept, gelu):
+    """(rows, d_a, d_x, the weights' gradients in _rest_forward's order) from
+    the logits' gradient ``dl`` (N, vocab): on the rows the loss reads
+    (``rows``; d_a and d_x hold those rows only), or on all rows (rows None)."""
+    (a, r1, mean1, rstd1, h, act_in, ffn_in, r2, mean2, rstd2, y,
+     wo, n1w, n1b, w1, w2, n2w, n2b, wu, m1, m_ffn, m2) = kept  # fmt: skip
+    rows = rows_to_compute(dl, (y, wu, n2w, w2, w1, n1w, wo))
+
+    def take(t: Tensor | None) -> Tensor | None:
+        return t.index_select(0, rows) if rows is not None and t is not None else t
+
+    dl, y = take(dl), take(y)
+    d_wu, d_bu = dl.t().mm(y), dl.sum(0)
+    d_r2, d_n2w, d_n2b = _norm_backward(dl.mm(wu), take(r2), take(mean2), take(rstd2), n2w, n2b)
+    d_f = d_r2 if m2 is None else d_r2 * take(m2)  # d_r2 itself flows on through the residual
+    act_in = take(act_in)
+    ffn_in = act_in if ffn_in is None else take(ffn_in)
+    d_w2, d_b2 = d_f.t().mm(ffn_in), d_f.sum(0)
+    d_g = _dropped(d_f.mm(w2), take(m_ffn))
+    if gelu:
+        d_u = torch.ops.aten.gelu_backward(d_g, act_in)
+    else:  # in place: zero where ReLU's output is not positive
+        d_u = torch.ops.aten.threshold_backward.grad_input(d_g, act_in, 0, grad_input=d_g)
+    h = take(h)
+    d_w1, d_b1 = d_u.t().mm(h), d_u.sum(0)
+    d_h = d_u.mm(w1).add_(d_r2)  # through linear1 and the residual
+    d_r1, d_n1w, d_n1b = _norm_backward(d_h, take(r1), take(mean1), take(rstd1), n1w, n1b)
+    d_sa = d_r1 if m1 is None else d_r1 * take(m1)
+    d_wo, d_bo = d_sa.t().mm(take(a)), d_sa.sum(0)
+    d_a = d_sa.mm(wo)  # (rows, d): the attention output's gradient
+    weight_grads = (d_wo, d_bo, d_w1, d_b1, d_w2, d_b2, d_n1w, d_n1b, d_n2w, d_n2b, d_wu, d_bu)
+    return rows, d_a, d_r1, weight_grads
+
+
+def _scatter_rows(t: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """(n_rows, width): ``t``'s rows at ``rows``, zeros elsewhere (as autograd's would be)."""
+    return t.new_zeros(n_rows, t.shape[1]).index_copy_(0, rows, t)
+
+
+def dropout_masks(x: Tensor, d_mlp: int, p: float, time_major_dropout1: bool):
+    """The masks (N, width), 0 or 1/(1-p), of dropout1, the feed-forward
+    block's dropout and dropout2 for the layer input ``x`` (B, T, d), drawn
+    as the reference draws them: in that order, each by F.dropout on a
+    tensor of the shape and memory order the reference drops (dropout1's in
+    (T, B, d) order after nn.MultiheadAttention: time_major_dropout1). F.dropout
+    multiplies by its mask, so dropping ones gives the mask itself: the same
+    seed gives the reference's masks without reaching into how it draws."""
+    batch, seq_len, d_model = x.shape
+    if time_major_dropout1:
+        m1 = F.dropout(x.new_ones(seq_len, batch, d_model), p, True).transpose(0, 1)
+    else:
+        m1 = F.dropout(x.new_ones(batch, seq_len, d_model), p, True)
+    m_ffn = F.dropout(x.new_ones(batch, seq_len, d_mlp), p, True)
+    m2 = F.dropout(x.new_ones(batch, seq_len, d_model), p, True)
+    return tuple(m.reshape(batch * seq_len, -1) for m in (m1, m_ffn, m2))
+
+
 class _Tail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, x, wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu, eps, gelu):
@@ -145,59 +249,57 @@ class _Tail(torch.autograd.Function):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) views
         out, lse = _attention(q, k, v, 0.0, True)  # causal, SDPA's default scale
         a = out.transpose(1, 2).reshape(-1, d_model)  # (N, d): heads merged
-        r1 = torch.addmm(bo, a, wo.t()).add_(x.reshape(-1, d_model))  # x + self_attn(x)
-        h, mean1, rstd1 = _norm(r1, n1w, n1b, eps)  # norm1
-        u = torch.addmm(b1, h, w1.t())  # linear1, (N, d_mlp)
-        g = F.gelu(u) if gelu else u.relu_()  # ReLU's backward reads its output
-        r2 = torch.addmm(b2, g, w2.t()).add_(h)  # h + linear2(act(h))
-        y, mean2, rstd2 = _norm(r2, n2w, n2b, eps)  # norm2: the layer's output
-        logits = torch.addmm(bu, y, wu.t())  # output_layer, (N, vocab)
-        ctx.save_for_backward(q, k, v, out, lse, a, r1, mean1, rstd1, h, u if gelu else g, g,
-                              r2, mean2, rstd2, y, wo, n1w, n1b, w1, w2, n2w, n2b, wu)  # fmt: skip
+        weights = (wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu)
+        logits, kept = _rest_forward(a, x.reshape(-1, d_model), weights, eps, gelu, _NO_MASKS)
+        ctx.save_for_backward(q, k, v, out, lse, *kept)
         ctx.gelu = gelu
         return logits.view(batch, seq_len, -1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logits):
-        (q, k, v, out, lse, a, r1, mean1, rstd1, h, u, g, r2, mean2, rstd2, y,
-         wo, n1w, n1b, w1, w2, n2w, n2b, wu) = ctx.saved_tensors  # fmt: skip
+        q, k, v, out, lse, *kept = ctx.saved_tensors
         batch, heads, seq_len, head_dim = q.shape
         dl = grad_logits.reshape(-1, grad_logits.shape[-1])  # (N, vocab)
         n_rows = dl.shape[0]
-        rows = rows_to_compute(dl, (y, wu, n2w, w2, w1, n1w, wo))
-        sparse = rows is not None
-
-        def take(t: Tensor) -> Tensor:
-            return t.index_select(0, rows) if sparse else t
-
-        dl, y = take(dl), take(y)
-        d_wu, d_bu = dl.t().mm(y), dl.sum(0)
-        d_r2, d_n2w, d_n2b = _norm_backward(dl.mm(wu), take(r2), take(mean2), take(rstd2), n2w, n2b)
-        g = take(g)
-        d_w2, d_b2 = d_r2.t().mm(g), d_r2.sum(0)
-        d_g = d_r2.mm(w2)
-        if ctx.gelu:
-            d_u = torch.ops.aten.gelu_backward(d_g, take(u))
-        else:  # in place: zero where ReLU's output is not positive
-            d_u = torch.ops.aten.threshold_backward.grad_input(d_g, g, 0, grad_input=d_g)
-        h = take(h)
-        d_w1, d_b1 = d_u.t().mm(h), d_u.sum(0)
-        d_h = d_u.mm(w1).add_(d_r2)  # through linear1 and the residual
-        d_r1, d_n1w, d_n1b = _norm_backward(d_h, take(r1), take(mean1), take(rstd1), n1w, n1b)
-        d_wo, d_bo = d_r1.t().mm(take(a)), d_r1.sum(0)
-        d_a = d_r1.mm(wo)  # (rows, d): the attention output's gradient
-        d_x = d_r1
-        positions = common_positions(rows, batch, seq_len) if sparse else None
-        if sparse:  # the other rows' gradients are zero
-            d_x = d_x.new_zeros(n_rows, d_x.shape[1]).index_copy_(0, rows, d_x)
+        rows, d_a, d_x, weight_grads = _rest_backward(dl, kept, ctx.gelu)
+        positions = common_positions(rows, batch, seq_len) if rows is not None else None
+        if rows is not None:  # the other rows' gradients are zero
+            d_x = _scatter_rows(d_x, rows, n_rows)
             if positions is None:  # rows differ between sequences: attention on all rows
-                d_a = d_a.new_zeros(n_rows, d_a.shape[1]).index_copy_(0, rows, d_a)
+                d_a = _scatter_rows(d_a, rows, n_rows)
         d_out = d_a.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, S or T, D)
         d_q, d_k, d_v = _attention_grads(d_out, q, k, v, out, lse, positions)
         return (d_q.transpose(1, 2), d_k.transpose(1, 2), d_v.transpose(1, 2),
-                d_x.view(batch, seq_len, -1), d_wo, d_bo, d_w1, d_b1, d_w2, d_b2,
-                d_n1w, d_n1b, d_n2w, d_n2b, d_wu, d_bu, None, None)  # fmt: skip
+                d_x.view(batch, seq_len, -1), *weight_grads, None, None)  # fmt: skip
+
+
+class _TailAfterDroppedAttention(torch.autograd.Function):
+    """The tail in training with dropout: attention (and its dropout) runs
+    before it, under autograd, and the dropout masks of the rest of the layer
+    come in drawn (``dropout_masks``); the per-position backward then runs on
+    the rows the loss reads, the attention's on all of them."""
+
+    @staticmethod
+    def forward(ctx, a, x, wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu, eps, gelu, *masks):
+        batch, seq_len, d_model = x.shape
+        weights = (wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu)
+        flat = (a.reshape(-1, d_model), x.reshape(-1, d_model))
+        logits, kept = _rest_forward(*flat, weights, eps, gelu, masks)
+        ctx.save_for_backward(*kept)
+        ctx.gelu = gelu
+        return logits.view(batch, seq_len, -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logits):
+        batch, seq_len, _ = grad_logits.shape
+        dl = grad_logits.reshape(batch * seq_len, -1)  # (N, vocab)
+        rows, d_a, d_x, weight_grads = _rest_backward(dl, ctx.saved_tensors, ctx.gelu)
+        if rows is not None:  # the other rows' gradients are zero
+            d_a, d_x = (_scatter_rows(t, rows, batch * seq_len) for t in (d_a, d_x))
+        return (d_a.view(batch, seq_len, -1), d_x.view(batch, seq_len, -1), *weight_grads,
+                None, None, None, None, None)  # fmt: skip
 
 
 def transformer_tail(
@@ -210,13 +312,23 @@ def transformer_tail(
     output_bias: Tensor,
     eps: float,
     act_fn: str,
+    dropout: float = 0.0,
+    attend: Callable | None = None,
+    time_major_dropout1: bool = False,
 ) -> Tensor | None:
     """logits (B, T, vocab) from the last layer's q, k, v (B, T, H, D) and its
-    input ``x`` (B, T, d), for a post-norm layer without dropout (eval mode,
-    or dropout 0); ``layer``: its LayerWeights.
+    input ``x`` (B, T, d), for a post-norm layer; ``layer``: its LayerWeights.
+
+    ``dropout``: the p of a training call (0 in eval mode). With dropout the
+    attention runs first through ``attend(q, k, v, p)`` (the composition's:
+    its backward then runs for every query), then the rest of the layer with
+    the masks ``dropout_masks`` draws: the reference's masks, in the
+    reference's order (``time_major_dropout1``: see dropout_masks).
 
     Returns None where the tail should run as the composition: below
-    MIN_D_MODEL or MIN_TOKENS, no gradient needed,
+    MIN_D_MODEL or MIN_TOKENS, or with dropout below MIN_WIDTH_WITH_DROPOUT
+    (before attending: the composition then draws the attention's masks),
+    no gradient needed,
     ``backends.eager_functions_allowed`` says no, a tensor not on the CPU
     (finding the nonzero rows would be a host-device sync per backward on
     CUDA), a missing bias, or tensors of mixed dtypes or devices.
@@ -226,6 +338,10 @@ def transformer_tail(
         x.shape[-1] >= MIN_D_MODEL
         and x.numel() // x.shape[-1] >= MIN_TOKENS
         and all(t is not None for t in tensors)
+        and (
+            dropout == 0.0
+            or max(x.shape[-1], layer.linear1_weight.shape[0]) >= MIN_WIDTH_WITH_DROPOUT
+        )
         and x.device.type == "cpu"
         and torch.is_grad_enabled()
         and any(t.requires_grad for t in tensors)
@@ -234,4 +350,9 @@ def transformer_tail(
         and len({t.device for t in tensors}) == 1  # all on the CPU
     ):
         return None
-    return _Tail.apply(q, k, v, x, *layer[2:], output_weight, output_bias, eps, act_fn == "gelu")
+    rest = (*layer[2:], output_weight, output_bias, eps, act_fn == "gelu")
+    if dropout == 0.0:
+        return _Tail.apply(q, k, v, x, *rest)
+    a = attend(q, k, v, dropout).reshape(x.shape)  # heads merged; draws the attention's masks
+    masks = dropout_masks(x, layer.linear1_weight.shape[0], dropout, time_major_dropout1)
+    return _TailAfterDroppedAttention.apply(a, x, *rest, *masks)
