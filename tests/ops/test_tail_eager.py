@@ -94,6 +94,16 @@ def _run(fn, tensors, row_weights, act_fn):
     return out, [leaf.grad for leaf in leaves]
 
 
+def _assert_same(tail, composition, tensors, row_weights, act_fn, dtype):
+    """The same logits and gradients of every input, to fp64's or the spec's fp32 tolerances."""
+    out, grads = _run(tail, tensors, row_weights, act_fn)
+    want, want_grads = _run(composition, tensors, row_weights, act_fn)
+    logits_tol, grads_tol = (FP64, FP64) if dtype == torch.float64 else (FP32_LOGITS, FP32_GRADS)
+    torch.testing.assert_close(out, want, **logits_tol)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected, **grads_tol)
+
+
 @given(
     batch=st.integers(1, 3),
     seq_len=st.sampled_from([1, 4, 9, 16]),
@@ -111,12 +121,7 @@ def test_tail_equals_the_composition(
 ):
     tensors = _inputs(seed, batch, seq_len, heads, head_dim, d_mlp, vocab, dtype)
     row_weights = _row_weights(pattern, batch, seq_len, vocab, seed + 1, dtype)
-    out, grads = _run(_tail, tensors, row_weights, act_fn)
-    want, want_grads = _run(_composition, tensors, row_weights, act_fn)
-    logits_tol, grads_tol = (FP64, FP64) if dtype == torch.float64 else (FP32_LOGITS, FP32_GRADS)
-    torch.testing.assert_close(out, want, **logits_tol)
-    for got, expected in zip(grads, want_grads, strict=True):
-        torch.testing.assert_close(got, expected, **grads_tol)
+    _assert_same(_tail, _composition, tensors, row_weights, act_fn, dtype)
 
 
 def _masks(seed, batch, seq_len, widths, p, dtype):
@@ -145,9 +150,9 @@ def test_tail_after_dropped_attention_equals_the_composition(
     """The training-with-dropout tail: given the attention's output and the
     layer's masks, the same logits and gradients (attention output, layer
     input, every weight) as the modules, whichever rows the loss reads."""
-    # _inputs' q, k, v stand in for nothing here: a (B, T, d) takes q's place
+    # no q and k here: v's draw, (B, T, 1 head, d_model), serves as the attention output
     tensors = _inputs(seed, batch, seq_len, 1, d_model, d_mlp, vocab, dtype)[2:]
-    tensors[0] = tensors[0].reshape(batch, seq_len, d_model)  # v's draw as the attention output
+    tensors[0] = tensors[0].reshape(batch, seq_len, d_model)
     masks = _masks(seed + 2, batch, seq_len, (d_model, d_mlp, d_model), p, dtype)
     row_weights = _row_weights(pattern, batch, seq_len, vocab, seed + 1, dtype)
     flat_masks = [m.reshape(batch * seq_len, -1) for m in masks]
@@ -160,12 +165,7 @@ def test_tail_after_dropped_attention_equals_the_composition(
     def composition(*leaves_and_act_fn):
         return _dropped_composition(*leaves_and_act_fn, masks)
 
-    out, grads = _run(tail, tensors, row_weights, act_fn)
-    want, want_grads = _run(composition, tensors, row_weights, act_fn)
-    logits_tol, grads_tol = (FP64, FP64) if dtype == torch.float64 else (FP32_LOGITS, FP32_GRADS)
-    torch.testing.assert_close(out, want, **logits_tol)
-    for got, expected in zip(grads, want_grads, strict=True):
-        torch.testing.assert_close(got, expected, **grads_tol)
+    _assert_same(tail, composition, tensors, row_weights, act_fn, dtype)
 
 
 @pytest.mark.parametrize("time_major", [False, True])
