@@ -430,8 +430,8 @@ def transformer_forward(
                     note(f"{path}.self_attn.rotary", (q, k))
         if use_tail and i == last:
             args = (weights.output_weight, weights.output_bias, statics.eps, statics.act_fn)
-            dropout = dict(dropout=p, attend=attend, time_major_dropout1=mha_layout)
-            logits = tail(q, k, v, x, w, *args, **(dropout if dropping else {}))
+            dropout = p if dropping else 0.0
+            logits = tail(q, k, v, x, w, *args, dropout, attend, time_major_dropout1=mha_layout)
             if logits is not None:
                 return logits
         attn = attend(q, k, v, p if train else 0.0).reshape(batch, seq_len, d_model)

@@ -228,7 +228,8 @@ def dropout_masks(x: Tensor, d_mlp: int, p: float, time_major_dropout1: bool):
     block's dropout and dropout2 for the layer input ``x`` (B, T, d), drawn
     as the reference draws them: in that order, each by F.dropout on a
     tensor of the shape and memory order the reference drops (dropout1's in
-    (T, B, d) order after nn.MultiheadAttention: time_major_dropout1). F.dropout
+    (T, B, d) order after nn.MultiheadAttention: time_major_dropout1; why:
+    transformer_functional._dropout_in_time_major_order). F.dropout
     multiplies by its mask, so dropping ones gives the mask itself: the same
     seed gives the reference's masks without reaching into how it draws."""
     batch, seq_len, d_model = x.shape
