@@ -534,21 +534,25 @@ def test_each_configuration_compiles_with_its_own_recompile_limit():
     assert graphs[2] == graphs[1]  # a seed sweep (same configuration) reuses the graph
 
 
-def test_a_fast_model_compiled_by_the_user_computes_the_same():
+@pytest.mark.parametrize("variant", ["fast", "reference"])
+def test_a_model_compiled_by_the_user_takes_fullgraph_and_keeps_its_id_check(variant):
     # torch.compile(fast_model) traces the root forward and the runner, which
-    # hands it the plain forward: nothing on that way may break the graph
+    # hands it the plain forward; the input check keeps its range check in the
+    # graph as an assert: nothing on that way may break the graph (workingmem's
+    # models compile with fullgraph=True)
     reference, fast = reference_and_fast(
         small_config(positional_embedding_type="rotary_qk"), dynamic=True
     )
     reference.eval(), fast.eval()
-    fast.check_token_ids = False  # its range check is a host sync: a graph break by design
-    compiled = torch.compile(fast)
-    breaks = sum(counters["graph_break"].values())
+    model = fast if variant == "fast" else copy.deepcopy(reference)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
     with torch.no_grad():
         for seq_len in (5, 9):
             ids = random_ids(seq_len, 50, 2, seq_len)
             torch.testing.assert_close(compiled(ids), reference(ids), **FP32_LOGITS)
-    assert sum(counters["graph_break"].values()) == breaks
+        ids[1, 3] = 50
+        with pytest.raises(RuntimeError, match=r"a token id is out of range \[0, d_vocab=50\)"):
+            compiled(ids)
 
 
 # -- same module tree, shared parameters, checkpoints -----------------------------------

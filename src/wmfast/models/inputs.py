@@ -3,7 +3,10 @@
 Shape, dtype and T > n_ctx are host-side metadata and always checked (free).
 The token-id range needs a reduction, which on CUDA is a device-to-host sync:
 it is on by default and turned off per model with ``model.check_token_ids =
-False`` (the training loop checks each batch on the CPU instead).
+False`` (the training loop checks each batch on the CPU instead). Under a
+user's own torch.compile of a model the range check stays in the graph as an
+assert, without the sync (``int()`` of a traced value would break the graph,
+and fail ``fullgraph=True``, which workingmem's models pass).
 """
 
 from __future__ import annotations
@@ -41,12 +44,20 @@ def check_input_ids(
             f"sequence length {seq_len} exceeds n_ctx={n_ctx}, the number of learned "
             f"positions (positional_embedding_type='standard'); raise n_ctx or shorten the input"
         )
-    if check_range:
+    if check_range and torch.compiler.is_compiling():
+        # raises RuntimeError on the CPU; on CUDA a device-side assert (Inductor
+        # builds its Triton kernels with asserts on), as embedding's own would be
+        in_range = ((input_ids >= 0) & (input_ids < d_vocab)).all()
+        torch._assert_async(in_range, _out_of_range("a token id", d_vocab))
+    elif check_range:
         low, high = torch.aminmax(input_ids)
         low, high = int(low), int(high)  # the one sync; see module docstring
         if low < 0 or high >= d_vocab:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"token id {bad} is out of range [0, d_vocab={d_vocab}); "
-                f"(set model.check_token_ids = False to skip this check)"
-            )
+            raise ValueError(_out_of_range(f"token id {low if low < 0 else high}", d_vocab))
+
+
+def _out_of_range(what: str, d_vocab: int) -> str:
+    return (
+        f"{what} is out of range [0, d_vocab={d_vocab}) "
+        f"(set model.check_token_ids = False to skip this check)"
+    )
