@@ -44,16 +44,18 @@ def check_input_ids(
             f"sequence length {seq_len} exceeds n_ctx={n_ctx}, the number of learned "
             f"positions (positional_embedding_type='standard'); raise n_ctx or shorten the input"
         )
-    if check_range and torch.compiler.is_compiling():
+    if not check_range:
+        return
+    if torch.compiler.is_compiling():
         # raises RuntimeError on the CPU; on CUDA a device-side assert (Inductor
         # builds its Triton kernels with asserts on), as embedding's own would be
         in_range = ((input_ids >= 0) & (input_ids < d_vocab)).all()
         torch._assert_async(in_range, _out_of_range("a token id", d_vocab))
-    elif check_range:
-        low, high = torch.aminmax(input_ids)
-        low, high = int(low), int(high)  # the one sync; see module docstring
-        if low < 0 or high >= d_vocab:
-            raise ValueError(_out_of_range(f"token id {low if low < 0 else high}", d_vocab))
+        return
+    low, high = torch.aminmax(input_ids)
+    low, high = int(low), int(high)  # the one sync; see module docstring
+    if low < 0 or high >= d_vocab:
+        raise ValueError(_out_of_range(f"token id {low if low < 0 else high}", d_vocab))
 
 
 def _out_of_range(what: str, d_vocab: int) -> str:
