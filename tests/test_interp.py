@@ -177,6 +177,34 @@ def test_under_no_grad_layer_outputs_match(NNsight, pe):
     torch.testing.assert_close(got1, want1, **FP32_LOGITS)
 
 
+def scale_embedding_through_source(nm, ids):
+    """Reads and edits an operation inside the root's forward through
+    nnsight's ``.source``: the root's forward calls forward_modules, which
+    calls the embedding."""
+    with nm.trace(ids):
+        body = nm.source.self_forward_modules_0.source
+        embedded = body.self_embedding_0.output.clone().save()
+        body.self_embedding_0.output[:] *= 2
+        logits = nm.output.save()
+    return embedded, logits
+
+
+@pytest.mark.parametrize(
+    "cls, pe", [("transformer", pe) for pe in POSITIONAL_TYPES] + [("rnn", None), ("lstm", None)]
+)
+def test_source_operations_trace_the_same_on_the_fast_model(NNsight, cls, pe):
+    config = small_config(model_class=cls, positional_embedding_type=pe, seed=4)
+    reference = build_model(config, variant="reference")
+    fast = make_fast(reference)
+    ids = random_ids(4, config.d_vocab, 2, 6)
+    want_embedded, want_logits = scale_embedding_through_source(NNsight(reference), ids)
+    got_embedded, got_logits = scale_embedding_through_source(NNsight(fast), ids)
+    torch.testing.assert_close(got_embedded, want_embedded, **FP32_LOGITS)
+    torch.testing.assert_close(got_logits, want_logits, **FP32_LOGITS)
+    # the edit really happened
+    assert (got_logits - reference(ids)).abs().max() > 1e-4
+
+
 def test_trace_active_tracks_nnsight(NNsight):
     model = build_model(small_config(), variant="reference")
     seen = []

@@ -4,13 +4,13 @@ same function faster when no nnsight trace is active.
 A fast model IS a reference model (same classes, same ``named_modules()``
 paths, same state_dict keys) with two differences:
 
-* ``model._fast`` holds a ``FastRunner``. The root forward checks its input,
-  then hands the call to the runner, which, unless an nnsight trace runs
-  through the model or hooks are registered in it, runs
-  ``transformer_forward`` (one function of the weights; compiled where
-  wmfast.backends' rules say so). During a trace it takes the module path
-  instead, so every documented submodule is called and
-  ``.output``/``.input``/edits/``.grad`` work as on the reference.
+* ``model._fast`` holds a ``FastRunner``. The root forward checks its input;
+  during an nnsight trace it then takes the module path itself, as the
+  reference does, so every documented submodule is called and
+  ``.output``/``.input``/edits/``.grad``/``.source`` work as on the
+  reference. Otherwise it hands the call to the runner, which, unless hooks
+  are registered in the model, runs ``transformer_forward`` (one function of
+  the weights; compiled where wmfast.backends' rules say so).
 * Its rotary modules (``pos_encoder`` of "rotary", ``self_attn.rotary`` of
   "rotary_qk") use the Triton kernels where the rules pick them, also on the
   traced path.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wmfast.interp import trace_active
 from wmfast.models.inputs import check_input_ids
 
 
@@ -14,7 +15,7 @@ class WorkingMemoryModel(nn.Module):
     forward checks the input (wmfast.models.inputs), then runs
     ``forward_modules``, the path through every documented submodule, or on
     fast models their runner (``_fast``, set by wmfast.fast), which takes that
-    path too where an nnsight trace or hooks need the submodules called.
+    path too where hooks or a module changed after building need it.
     """
 
     _fast = None  # wmfast.fast.FastRunner on fast models
@@ -32,7 +33,10 @@ class WorkingMemoryModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_input_ids(input_ids, self.d_vocab, self.n_ctx_limit, self.check_token_ids)
-        if self._fast is None:
+        # Under an nnsight trace a fast model calls forward_modules from here,
+        # as the reference does, so that the root's ``.source`` runs the same
+        # operations on both (``model.source.self_forward_modules_0.source``)
+        if self._fast is None or trace_active(self):
             return self.forward_modules(input_ids)
         return self._fast(self, input_ids)
 
