@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -91,3 +93,45 @@ def test_evaluate_and_test_report_workingmems_metrics():
     assert set(metrics) == {"loss", "acc", "macro_acc"} and metrics["loss"] > 0
     assert 0 <= metrics["acc"] <= 1
     assert wrapper.test(data) == metrics
+
+
+class _Table:
+    """What evaluate asks of a wandb.Table."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add_data(self, *row):
+        self.rows.append(row)
+
+
+def test_evaluate_takes_workingmems_arguments_and_returns_its_predictions():
+    from wmfast.tasks.sir import SIRDataset
+
+    wrapper = TransformerModelWrapper(small_config(d_vocab=350, seed=5))
+    data = SIRDataset(seq_len=10, n_sequences=6, seed=5)
+    out = wrapper.evaluate(data, batch_size=4, return_predictions=True, precision="fp32")
+    ids = torch.stack([data[i]["token_ids"] for i in range(len(data))])
+    locations = data[0]["answer_locations"]
+    positions = locations.nonzero().squeeze(1)
+    with torch.no_grad():  # answers masked to 0; each answer read from the position before
+        logits = wrapper.model(ids.mul(1 - locations).to(wrapper.device)).cpu()
+    assert (out["predictions"] == logits[:, positions - 1].argmax(-1).numpy()).all()
+    assert (out["actual_labels"] == ids[:, positions].numpy()).all()
+    assert out["input_sequences"] == ids.tolist()
+    metrics = wrapper.evaluate(data, batch_size=4, precision="fp32")
+    assert metrics == {k: out[k] for k in ("loss", "acc", "macro_acc")}
+
+    table = _Table()
+    assert wrapper.evaluate(data, 3, table, batch_size=4, precision="fp32") == metrics
+    assert [row[:2] for row in table.rows] == [(3, 0), (3, 1), (3, 2), (3, 3), (3, 0), (3, 1)]
+    assert table.rows[5][2:] == (
+        ids[5].tolist(), out["predictions"][5].tolist(), out["actual_labels"][5].tolist()
+    )  # fmt: skip
+    data.tokenizer = types.SimpleNamespace(decode=lambda ids: " ".join(map(str, ids)))
+    table = _Table()
+    wrapper.evaluate(data, 0, table, batch_size=4, precision="fp32")
+    assert table.rows[1][3] == " ".join(map(str, out["predictions"][1].tolist()))
+    table = _Table()
+    wrapper.test(data, table)  # as workingmem's test: no epoch, so no rows
+    assert table.rows == []

@@ -150,19 +150,27 @@ def evaluate(
     batch_size: int = 128,
     mask_answer_tokens: bool = True,
     precision: str = "auto",
-) -> dict[str, float]:
+    return_predictions: bool = False,
+) -> dict[str, Any]:
     """{"loss", "acc", "macro_acc"} of ``model`` on ``dataset`` (no grad, eval mode).
 
     As in workingmem, "loss" is the mean of per-batch means (so it depends a
     little on ``batch_size``), and "acc" counts only the answers after the
     warm-up (NaN for sequences with no answer beyond it).
+
+    ``return_predictions`` adds workingmem's "predictions" and
+    "actual_labels" ((N, answers) int64 arrays: the argmax at each answer, and
+    the answer) and "input_sequences" (each sequence's "tokens" where the
+    dataset yields them, as workingmem's do, else its token ids as a list).
     """
     model.eval()
     dtype = autocast_dtype(precision, device)
-    losses, predictions, labels = [], [], []
+    losses, predictions, labels, sequences = [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with torch.no_grad(), _range_check_off(model):
         for raw in loader:
+            if return_predictions:
+                sequences.extend(raw["tokens"] if "tokens" in raw else raw["token_ids"].tolist())
             batch = prepare_batch(raw, model.d_vocab, mask_answer_tokens)
             labels.append(batch.labels)  # on the CPU, where the accuracy is counted
             batch = batch.to(device)
@@ -176,11 +184,16 @@ def evaluate(
     predictions, labels = torch.cat(predictions), torch.cat(labels)
     warmup = _warmup_answers(dataset)
     correct = predictions == labels
-    return {
+    metrics: dict[str, Any] = {
         "loss": float(np.mean(losses)),
         "acc": float(correct[:, warmup:].float().mean()),
         "macro_acc": float(correct.all(dim=1).float().mean()),
     }
+    if return_predictions:
+        metrics["predictions"] = predictions.numpy()
+        metrics["actual_labels"] = labels.numpy()
+        metrics["input_sequences"] = sequences
+    return metrics
 
 
 # -- training ------------------------------------------------------------------------------

@@ -134,19 +134,58 @@ class ModelWrapper:
     def evaluate(
         self,
         dataset,
+        train_epoch: int | None = None,
+        predictions_table=None,
         batch_size: int = 128,
+        return_predictions: bool = False,
         mask_answer_tokens: bool = True,
         precision: str = "auto",
     ) -> dict:
-        """{"loss", "acc", "macro_acc"} on ``dataset``."""
+        """{"loss", "acc", "macro_acc"} on ``dataset``; workingmem's arguments.
+
+        ``return_predictions`` adds "predictions", "actual_labels" and
+        "input_sequences" (wmfast.training.evaluate). As in workingmem, a
+        ``predictions_table`` (a wandb.Table with columns epoch, example_ix,
+        eval_example, eval_prediction, eval_labels) gets a row per sequence
+        when ``train_epoch`` is given; example_ix counts within each batch.
+        """
         from wmfast import training
 
-        return training.evaluate(
-            self.model, dataset, self.device, batch_size, mask_answer_tokens, precision
+        fill_table = predictions_table is not None and train_epoch is not None
+        metrics = training.evaluate(
+            self.model, dataset, self.device, batch_size, mask_answer_tokens, precision,
+            return_predictions=return_predictions or fill_table,
+        )  # fmt: skip
+        if fill_table:
+            _add_prediction_rows(predictions_table, train_epoch, dataset, metrics, batch_size)
+        if not return_predictions:
+            for key in ("predictions", "actual_labels", "input_sequences"):
+                metrics.pop(key, None)
+        return metrics
+
+    def test(self, dataset, test_predictions_table=None, mask_answer_tokens: bool = True) -> dict:
+        # (workingmem's test passes its table without an epoch, so it gets no rows)
+        return self.evaluate(
+            dataset, predictions_table=test_predictions_table, mask_answer_tokens=mask_answer_tokens
         )
 
-    def test(self, dataset, mask_answer_tokens: bool = True) -> dict:
-        return self.evaluate(dataset, mask_answer_tokens=mask_answer_tokens)
+
+def _add_prediction_rows(table, epoch: int, dataset, metrics: dict, batch_size: int) -> None:
+    """workingmem's rows: the sequence, and the predicted and true answers,
+    decoded by the dataset's tokenizer where it has one."""
+    tokenizer = getattr(dataset, "tokenizer", None)
+    decode = tokenizer.decode if tokenizer is not None else list
+    rows = zip(
+        metrics["input_sequences"], metrics["predictions"], metrics["actual_labels"], strict=True
+    )
+    for index, (sequence, predicted, labels) in enumerate(rows):
+        table.add_data(
+            epoch,
+            index % batch_size,
+            sequence,
+            decode(predicted.tolist()),
+            decode(labels.tolist()),
+        )
 
 
 class TransformerModelWrapper(ModelWrapper):
