@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wmfast import ModelConfig
+from wmfast import CheckpointError, ModelConfig, build_model
 from wmfast.checkpoint import load_state_dict_strict, without_aliases
 from wmfast.models import create_model
 
@@ -56,6 +56,41 @@ def test_golden_weights_give_golden_logits(name, fastpath):
     torch.testing.assert_close(logits, golden["logits"], **FP32_LOGITS)
     # with grad enabled PyTorch never takes its fused path
     torch.testing.assert_close(model(golden["input_ids"]).detach(), golden["logits"], **FP32_LOGITS)
+
+
+@pytest.mark.parametrize("variant", ["reference", "fast"])
+@pytest.mark.parametrize("name", FULL_FILES)
+def test_model_load_state_dict_takes_workingmems_state_dict(name, variant):
+    """``model.load_state_dict(torch.load("best_model.pth"))`` on a workingmem
+    file, whose state_dict holds embedding and output_layer twice (also as
+    ``embed``/``unembed``), loads strictly."""
+    golden = _golden(name)
+    assert "unembed.bias" in golden["state_dict"]
+    model = build_model(ModelConfig.from_dict(golden["config"]).replace(seed=7), variant=variant)
+    model.load_state_dict(golden["state_dict"])  # strict: raises on a key left over
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval()(golden["input_ids"]), golden["logits"], **FP32_LOGITS
+        )
+    # the same under another module, and only the aliases: mapped onto what they alias
+    aliases_only = {
+        k: v
+        for k, v in golden["state_dict"].items()
+        if not k.startswith(("embedding.", "output_layer."))
+    }
+    outer = torch.nn.ModuleDict(
+        {"model": build_model(model.config.replace(seed=8), variant=variant)}
+    )
+    outer.load_state_dict({f"model.{k}": v for k, v in aliases_only.items()})
+    assert torch.equal(outer["model"].output_layer.bias, golden["state_dict"]["unembed.bias"])
+
+
+def test_model_load_state_dict_refuses_aliases_that_disagree():
+    golden = _golden("lstm.pt")
+    state = dict(golden["state_dict"], **{"embed.weight": golden["state_dict"]["embed.weight"] + 1})
+    model = build_model(ModelConfig.from_dict(golden["config"]))
+    with pytest.raises(CheckpointError, match="'embed.weight' disagrees with 'embedding.weight'"):
+        model.load_state_dict(state)
 
 
 def test_full_default_model_matches_compact_golden():

@@ -10,12 +10,13 @@ import torch
 from wmfast import (
     ConfigError,
     LSTMModelWrapper,
+    ModelConfig,
     ModelWrapper,
     RNNModelWrapper,
     TransformerModelWrapper,
 )
 
-from .helpers import random_ids, small_config
+from .helpers import GOLDEN, random_ids, small_config
 
 
 @pytest.mark.parametrize(
@@ -93,6 +94,15 @@ def test_evaluate_and_test_report_workingmems_metrics():
     assert set(metrics) == {"loss", "acc", "macro_acc"} and metrics["loss"] > 0
     assert 0 <= metrics["acc"] <= 1
     assert wrapper.test(data) == metrics
+
+
+def test_load_state_dict_takes_a_workingmem_state_dict_strictly():
+    golden = torch.load(GOLDEN / "transformer_standard_gelu_dmlp64.pt", weights_only=True)
+    wrapper = TransformerModelWrapper(ModelConfig.from_dict(golden["config"]).replace(seed=3))
+    wrapper.load_state_dict(golden["state_dict"], wrapper.config)
+    assert torch.equal(wrapper.model.embedding.weight.cpu(), golden["state_dict"]["embed.weight"])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        wrapper.load_state_dict({"embed.weight": golden["state_dict"]["embed.weight"]})
 
 
 class _Table:

@@ -93,6 +93,12 @@ class ModelWrapper:
         self.config = self.model.config.replace()
         self.history = run.history
 
+    def load_state_dict(self, state_dict: dict, config: ModelConfig | None = None) -> None:
+        """``self.model.load_state_dict(state_dict)``, strict, as in workingmem
+        (whose ``config`` argument is unused too); its state_dicts' embed/unembed
+        alias keys are taken (wmfast.models.base)."""
+        self.model.load_state_dict(state_dict)
+
     def save_checkpoint(
         self, checkpoint_dir: str | os.PathLike, epoch_num: int | None = None
     ) -> Path:

@@ -42,3 +42,21 @@ class WorkingMemoryModel(nn.Module):
 
     def forward_modules(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:  # type: ignore[override]
+        # workingmem's models also register embedding and output_layer as
+        # ``embed`` and ``unembed``, so their state_dicts (best_model.pth) hold
+        # those weights twice; wmfast's do not (they would double every nnsight
+        # path). model.load_state_dict takes such a state_dict: the alias keys
+        # are checked against the keys they alias and dropped. (This method,
+        # which loads the module's own entries before its children's, is where
+        # nn.BatchNorm reads its older keys too.)
+        from wmfast.checkpoint import ALIASES, without_aliases
+
+        aliases = tuple(ALIASES)
+        if not any(alias[:-1] in self._modules for alias in aliases):  # (unless set by hand)
+            ours = [k for k in state_dict if k.startswith(prefix)]
+            if any(k[len(prefix) :].startswith(aliases) for k in ours):
+                merged = without_aliases({k[len(prefix) :]: state_dict.pop(k) for k in ours})
+                state_dict.update((prefix + k, v) for k, v in merged.items())
+        super()._load_from_state_dict(state_dict, prefix, *args)
