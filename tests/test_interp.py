@@ -205,6 +205,25 @@ def test_source_operations_trace_the_same_on_the_fast_model(NNsight, cls, pe):
     assert (got_logits - reference(ids)).abs().max() > 1e-4
 
 
+def trace_through_workingmems_aliases(nm, ids):
+    with nm.trace(ids):
+        embedded = nm.embed.output.save()
+        nm.unembed.output[:] = 0
+        logits = nm.output.save()
+    return embedded, logits
+
+
+@pytest.mark.parametrize("variant", ["reference", "fast"])
+def test_workingmems_aliases_trace_as_the_modules_they_alias(NNsight, variant):
+    model = build_model(small_config(), variant=variant)
+    nm = NNsight(model)
+    assert nm.embed is nm.embedding and nm.unembed is nm.output_layer
+    ids = random_ids(5, 50, 2, 5)
+    embedded, logits = trace_through_workingmems_aliases(nm, ids)
+    torch.testing.assert_close(embedded, model.embedding(ids), rtol=0, atol=0)
+    assert logits.shape == (2, 5, 50) and not logits.any()
+
+
 def test_trace_active_tracks_nnsight(NNsight):
     model = build_model(small_config(), variant="reference")
     seen = []

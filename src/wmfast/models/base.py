@@ -26,6 +26,16 @@ class WorkingMemoryModel(nn.Module):
     def variant(self) -> str:
         return "reference" if self._fast is None else "fast"
 
+    # workingmem's aliases, as plain attributes: registered as submodules they
+    # would double the state_dict's keys and every nnsight path of these two
+    @property
+    def embed(self) -> nn.Module:
+        return self.embedding
+
+    @property
+    def unembed(self) -> nn.Module:
+        return self.output_layer
+
     @property
     def n_ctx_limit(self) -> int | None:
         """The longest sequence the model takes, or None for no limit."""
