@@ -64,7 +64,8 @@ class WorkingMemoryModel(nn.Module):
         from wmfast.checkpoint import ALIASES, without_aliases
 
         aliases = tuple(ALIASES)
-        if not any(alias[:-1] in self._modules for alias in aliases):  # (unless set by hand)
+        # (a model given real embed/unembed submodules loads their keys itself)
+        if not any(alias[:-1] in self._modules for alias in aliases):
             ours = [k for k in state_dict if k.startswith(prefix)]
             if any(k[len(prefix) :].startswith(aliases) for k in ours):
                 merged = without_aliases({k[len(prefix) :]: state_dict.pop(k) for k in ours})
