@@ -76,6 +76,17 @@ def test_documented_module_paths_exist(pe):
     )
 
 
+def test_positional_modules_keep_workingmems_attributes():
+    rotation = reference_model(small_config(positional_embedding_type="rotary")).pos_encoder
+    assert (rotation.dim, rotation.base) == (32, 10000)
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(6))
+    want = torch.cat((-x[..., 16:], x[..., :16]), dim=-1)
+    torch.testing.assert_close(rotation.rotate_half(x), want, rtol=0, atol=0)
+    tables = reference_model(small_config(positional_embedding_type="rotary_qk")).pos_encoder
+    assert (tables.dim, tables.base) == (8, 10000)  # the head dim
+    assert reference_model(small_config(positional_embedding_type="standard")).pos_encoder.learnable
+
+
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 @pytest.mark.parametrize("d_mlp", [0, 40])
 def test_parameter_count(pe, d_mlp):

@@ -22,6 +22,8 @@ from wmfast.backends import resolve_rotary
 class LearnedPositionalEmbedding(nn.Module):
     """ "standard": a learned table of n_ctx positions."""
 
+    learnable = True  # workingmem's flag (its other, sinusoidal, form is never built)
+
     def __init__(self, n_ctx: int, d_model: int) -> None:
         super().__init__()
         self.n_ctx = n_ctx
@@ -52,6 +54,7 @@ class _FP32InvFreq(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
+        self.dim, self.base = dim, WF.ROTARY_BASE  # as workingmem's module names them
         self.register_buffer("inv_freq", WF.rotary_inv_freq(dim), persistent=True)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
@@ -71,6 +74,7 @@ class RotaryEmbeddingRotation(_FP32InvFreq):
     """
 
     rotary_impl = "torch"
+    rotate_half = staticmethod(WF.rotate_half)  # workingmem's module has it as a method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if resolve_rotary(self.rotary_impl, x.device, x.dtype) == "triton":
