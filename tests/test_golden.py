@@ -68,10 +68,9 @@ def test_model_load_state_dict_takes_workingmems_state_dict(name, variant):
     assert "unembed.bias" in golden["state_dict"]
     model = build_model(ModelConfig.from_dict(golden["config"]).replace(seed=7), variant=variant)
     model.load_state_dict(golden["state_dict"])  # strict: raises on a key left over
-    with torch.no_grad():
-        torch.testing.assert_close(
-            model.eval()(golden["input_ids"]), golden["logits"], **FP32_LOGITS
-        )
+    # (with grad: the fast CPU model then compiles nothing; its compiled path has its own tests)
+    logits = model.eval()(golden["input_ids"]).detach()
+    torch.testing.assert_close(logits, golden["logits"], **FP32_LOGITS)
     # the same under another module, and only the aliases: mapped onto what they alias
     aliases_only = {
         k: v

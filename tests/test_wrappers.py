@@ -118,7 +118,8 @@ class _Table:
 def test_evaluate_takes_workingmems_arguments_and_returns_its_predictions():
     from wmfast.tasks.sir import SIRDataset
 
-    wrapper = TransformerModelWrapper(small_config(d_vocab=350, seed=5))
+    # (the reference variant: what is tested is the wrapper's, and it compiles nothing)
+    wrapper = TransformerModelWrapper(small_config(d_vocab=350, seed=5), variant="reference")
     data = SIRDataset(seq_len=10, n_sequences=6, seed=5)
     out = wrapper.evaluate(data, batch_size=4, return_predictions=True, precision="fp32")
     ids = torch.stack([data[i]["token_ids"] for i in range(len(data))])
