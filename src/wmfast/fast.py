@@ -41,7 +41,7 @@ from torch import nn
 
 from wmfast import backends
 from wmfast.attention_backends import CAUSAL_ATTENTION
-from wmfast.interp import hooks_registered, trace_active
+from wmfast.interp import hooks_registered
 from wmfast.models.base import WorkingMemoryModel
 from wmfast.models.recurrent import LSTMModel, RNNCore, RNNModel
 from wmfast.models.transformer import TransformerModel
@@ -333,13 +333,14 @@ class FastRunner:
     def __call__(
         self, model: nn.Module, input_ids: torch.Tensor, record: Callable | None = None
     ) -> torch.Tensor:
-        """A fast model's forward, after its input check: the own path, or the
-        module path where an nnsight trace or hooks need the submodules called.
+        """A fast model's forward outside nnsight traces (the root forward runs
+        the module path itself during one), after its input check: the own
+        path, or the module path where hooks need the submodules called.
         ``record`` (see transformer_forward) forces the own path, uncompiled:
         it is for locating a divergence, not for speed."""
         if not isinstance(model, TransformerModel):
             return self._recurrent(model, input_ids)
-        if record is None and _submodules_must_run(model):
+        if record is None and hooks_registered(model):
             return model.forward_modules(input_ids)
         mismatch = fast_path_mismatch(model)
         if mismatch is not None:
@@ -403,7 +404,7 @@ class FastRunner:
         return setup
 
     def _recurrent(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        # Cheap questions first, before the trace and hook checks and the plan:
+        # Cheap questions first, before the hook check and the plan:
         # most calls run the modules whatever those say, and at small sizes
         # their host time showed (2 cores, B 8, T 32, d 32: the no-grad forward
         # 0.94x of the reference, an LSTM training call 0.95x; both ~1.0x now).
@@ -414,7 +415,7 @@ class FastRunner:
         ):
             self.last_plan = _RECURRENT_MODULES
             return model.forward_modules(input_ids)
-        if _submodules_must_run(model):
+        if hooks_registered(model):
             return model.forward_modules(input_ids)
         plan = self.plan(model, input_ids.device)
         if plan.output_layer == "answer rows" and not _output_rows_pay(model, input_ids):
@@ -468,12 +469,6 @@ def _output_rows_pay(model: nn.Module, input_ids: torch.Tensor) -> bool:
     return output_layer_eager.large_enough(
         input_ids.numel() * output.in_features, output.out_features
     )
-
-
-def _submodules_must_run(model: nn.Module) -> bool:
-    """Whether an nnsight trace runs through the model or hooks are registered
-    in it: then only the module path shows them what the reference does."""
-    return trace_active(model) or hooks_registered(model)
 
 
 def _recurrent_path_mismatch(model: nn.Module, plan: Plan) -> str | None:
