@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wmfast.check import call_seconds
+from wmfast.speed import call_seconds
 
 from .bench_models import SHAPES, build_impl, one_case_shape, sir_batch, timed_call
 from .timing import environment

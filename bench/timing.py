@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from wmfast.check import alternating_medians
+from wmfast.speed import alternating_medians
 
 
 def environment() -> dict:

@@ -455,19 +455,3 @@ def test_missing_nnsight_exits_2_unless_no_paths(monkeypatch, capsys):
     )
     assert main(["check", "--no-speed"]) == 2
     assert "pip install 'wmfast[interp]'" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "pair_s, repeats",
-    [(0.001, 200), (0.007, 42), (0.02, 15), (0.04, 7), (0.1, 6), (2.0, 6), (0.0, 200)],
-)
-def test_speed_takes_as_many_pairs_as_fit_the_budget_within_bounds(pair_s, repeats):
-    assert wc.repeats_within(0.3, pair_s) == repeats
-
-
-def test_speed_pairs_flip_which_model_goes_first():
-    calls = []
-    wc.alternating_medians(
-        lambda: calls.append("reference"), lambda: calls.append("fast"), torch.device("cpu"), 4
-    )
-    assert calls == ["reference", "fast", "fast", "reference"] * 2

@@ -33,8 +33,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from wmfast.checkpoint import CheckpointError, model_from_run, read_run
 from wmfast.config import ConfigError, ModelConfig
 from wmfast.fast import describe, is_fast, sharing_copy
 from wmfast.models import create_model
+from wmfast.speed import alternating_medians, call_seconds, repeats_within
 from wmfast.training import AUTOCAST_DTYPES, autocast
 
 SCHEMA = "wmfast.check/1"
@@ -491,42 +490,6 @@ def walk_paths(report: ModelReport, reference, candidate, input_ids, tol, progre
 
 
 # -- speed ------------------------------------------------------------------------------
-
-
-def call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall time of one call, synchronised on CUDA so it counts finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def alternating_medians(
-    baseline: Callable[[], Any], candidate: Callable[[], Any], device: torch.device, repeats: int
-) -> tuple[float, float]:
-    """Median seconds of ``baseline`` and of ``candidate``, called in turn
-    ``repeats`` times, so slow spells of the machine hit both alike; which of
-    the two goes first flips every pair, so neither always runs in the wake
-    of the other (its freed memory, its cache). Warm both up first (compiles
-    must happen outside)."""
-    baseline_times, candidate_times = [], []
-    for i in range(repeats):
-        pair = ((baseline, baseline_times), (candidate, candidate_times))
-        for fn, times in pair if i % 2 == 0 else reversed(pair):
-            times.append(call_seconds(fn, device))
-    return statistics.median(baseline_times), statistics.median(candidate_times)
-
-
-def repeats_within(budget_s: float, pair_s: float, least: int = 6, most: int = 200) -> int:
-    """How many alternating pairs fit in ``budget_s`` when one pair takes
-    ``pair_s``: small models take milliseconds a call, and a median of 5 such
-    calls moved by 10% from run to run on a busy machine (a model against
-    itself: 0.95-1.04x at 5 pairs of a 70 ms CPU training step)."""
-    fit = int(budget_s / pair_s) if pair_s > 0 else most
-    return max(least, min(most, fit))
 
 
 def measure_speed(reference, candidate, input_ids, device, dtype, budget_s: float = 0.3) -> dict:
