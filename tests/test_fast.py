@@ -495,6 +495,41 @@ def test_auto_picks_kernels_only_for_the_dtypes_they_take():
     assert backends.resolve_rotary("triton", cuda, torch.float64) == "triton"  # a choice: kept
 
 
+@pytest.mark.parametrize("positional", POSITIONAL_TYPES)
+@pytest.mark.parametrize("seq_len", [24, 300])  # 300: the CPU paths taken from 256 tokens a call
+@pytest.mark.parametrize(
+    "train, grad", [(False, False), (False, True), (True, True)], ids=["no_grad", "eval", "train"]
+)
+def test_uncompiled_fast_in_fp64_equals_the_fp64_reference_to_rounding(
+    positional, seq_len, train, grad
+):
+    # An fp64 model is a user's ground truth (error budgets, gradcheck): no
+    # step of the uncompiled fast path may round through fp32. fp32 rounding
+    # anywhere shows as >= 1e-8 here; fp64 reordering stays near 1e-15.
+    config = small_config(positional_embedding_type=positional, n_ctx=512)
+    reference, fast = reference_and_fast(config, compile="never")
+    reference.double().train(train)
+    ids = random_ids(seq_len, config.d_vocab, 2, seq_len)
+    with torch.set_grad_enabled(grad):
+        want, got = reference(ids), fast(ids)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if not grad:
+        return
+    weight = torch.randn(
+        want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+    weight[:, torch.arange(seq_len) % 4 != 2] = 0  # the rows workingmem's loss reads, only
+    for name, g_ref, g_fast in zip(
+        [n for n, _ in reference.named_parameters()],
+        _grads(reference, want, weight),
+        _grads(fast, got, weight),
+        strict=True,
+    ):
+        scale = max(1.0, g_ref.abs().max().item())
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-12, atol=1e-12 * scale, msg=name)
+
+
 def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
     config = small_config(positional_embedding_type="rotary")
     reference, fast = reference_and_fast(config, dynamic=True)
