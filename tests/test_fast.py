@@ -508,7 +508,8 @@ def test_uncompiled_fast_in_fp64_equals_the_fp64_reference_to_rounding(
     # anywhere shows as >= 1e-8 here; fp64 reordering stays near 1e-15.
     config = small_config(positional_embedding_type=positional, n_ctx=512)
     reference, fast = reference_and_fast(config, compile="never")
-    reference.double().train(train)
+    reference.double().train(train)  # (fast shares the parameters, not the mode)
+    fast.train(train)
     ids = random_ids(seq_len, config.d_vocab, 2, seq_len)
     with torch.set_grad_enabled(grad):
         want, got = reference(ids), fast(ids)
@@ -527,6 +528,7 @@ def test_recurrent_fast_training_in_fp64_equals_the_fp64_reference_to_rounding(m
     config = small_config(model_class=model_class, act_fn=act_fn, d_hidden=256, d_vocab=350)
     reference, fast = reference_and_fast(config)
     reference.double().train()
+    fast.train()
     ids = random_ids(5, config.d_vocab, 4, 200)
     want, got = reference(ids), fast(ids)
     plan = fast._fast.last_plan
