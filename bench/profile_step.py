@@ -24,8 +24,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from wmfast.speed import synchronize
+
 from .bench_models import SHAPES, build_impl, sir_batch, timed_call
-from .timing import synchronize
 
 
 def warm_training_step(model: str, shape: str, dtype: str, impl: str):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from wmfast.speed import alternating_medians
+from wmfast.speed import alternating_medians, synchronize
 
 
 def environment() -> dict:
@@ -38,11 +38,6 @@ def environment() -> dict:
         info["cpu_threads"] = torch.get_num_threads()
         info["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
     return info
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def kernel_calls_per_round(device: torch.device, numel: int) -> int:
