@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wmfast.config import ModelConfig
 from wmfast.interp import trace_active
 from wmfast.models.inputs import check_input_ids
 
@@ -21,6 +22,15 @@ class WorkingMemoryModel(nn.Module):
     _fast = None  # wmfast.fast.FastRunner on fast models
     d_vocab: int
     check_token_ids: bool  # the token-id range check (a device sync on CUDA)
+
+    def _keep_config(self, config: ModelConfig) -> int:
+        """Validate ``config`` and keep a private copy of it (later edits of the
+        caller's config do not leak in); returns the vocabulary size."""
+        config.validate()
+        self.d_vocab = config.require_vocab()
+        self.config = config.replace()
+        self.check_token_ids = True  # see wmfast.models.inputs
+        return self.d_vocab
 
     @property
     def variant(self) -> str:

@@ -42,13 +42,7 @@ class _RecurrentModel(WorkingMemoryModel):
 
     def __init__(self, config: ModelConfig, make_core) -> None:
         super().__init__()
-        config.validate()
-        d_vocab = config.require_vocab()
-        self.config = (
-            config.replace()
-        )  # a private copy: later edits of the caller's config do not leak in
-        self.d_vocab = d_vocab
-        self.check_token_ids = True  # see wmfast.models.inputs
+        d_vocab = self._keep_config(config)
         # construction order = RNG draw order = workingmem's order; do not reorder
         self.embedding = nn.Embedding(d_vocab, config.d_model)
         setattr(self, self.core_name, make_core(config))

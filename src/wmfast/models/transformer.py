@@ -124,15 +124,9 @@ class TransformerModel(WorkingMemoryModel):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        config.validate()
-        d_vocab = config.require_vocab()
-        self.config = (
-            config.replace()
-        )  # a private copy: later edits of the caller's config do not leak in
+        d_vocab = self._keep_config(config)
         self.d_model = config.d_model
-        self.d_vocab = d_vocab
         self.positional_embedding_type = config.positional_embedding_type
-        self.check_token_ids = True  # see wmfast.models.inputs
         with warnings.catch_warnings():
             # d_mlp=0 is legal (Linear(d, 0)); PyTorch warns that initialising it is a no-op
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
