@@ -47,7 +47,17 @@ IMPLS = [
     "fast_torch_norm",
     "fast_single_norms",
     "fast_unpacked_rotary",
+    "fast_cpp_wrapper",
 ]
+
+# Inductor settings that some impls compile fast's code with (compile_anew_with)
+INDUCTOR_PATCHES = {
+    # C++ instead of Python launching the kernels: on the 2-core CPU the tiny
+    # overhead model's compiled calls took 13% (forward) and 10% (training)
+    # less time against the reference (bench/results/README.md, stop 33); on
+    # a launch-bound GPU step (the "small" shape) host time is the step's time
+    "fast_cpp_wrapper": dict(cpp_wrapper=True),
+}
 
 # name: (batch, trials (x4 tokens), model fields)
 SHAPES = {
@@ -99,7 +109,8 @@ def build_impl(model: str, impl: str, fields: dict, device):
         return reference
     if impl == "torch_compile":
         return torch.compile(reference)  # the peer a user would try first: default settings
-    if impl in ("fast", "fast_single_norms", "fast_unpacked_rotary"):  # see bench_model
+    if impl in ("fast", "fast_single_norms", "fast_unpacked_rotary", "fast_cpp_wrapper"):
+        # (see bench_model)
         return make_fast(reference)
     if impl == "fast_torch_norm":
         # the norm rule's alternative in compiled CUDA training: Inductor's fused
@@ -107,6 +118,20 @@ def build_impl(model: str, impl: str, fields: dict, device):
         # (bench/results/README.md, "h100-2")
         return make_fast(reference, norm="torch")
     return make_fast(reference, mode="reduce-overhead")
+
+
+def compile_anew_with(fn, **inductor_patches) -> None:
+    """Run ``fn`` once, compiling it anew under ``inductor_patches``
+    (torch._inductor.config). Dynamo's caches are dropped first: fast models
+    of one configuration share their compiled code (wmfast.fast), which
+    another impl may have compiled without them. The compiled code keeps the
+    settings after the patch ends: they are read when compiling."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with inductor_config.patch(**inductor_patches):
+        fn()
 
 
 def one_case_shape(device: torch.device, smoke: bool) -> tuple[str, str]:
@@ -169,6 +194,10 @@ def bench_model(benchmark, device, smoke, monkeypatch, direction, shape, dtype, 
         device.type != "cuda" or model != "transformer/rotary_qk"
     ):
         pytest.skip("the packed rotary gradient's alternative: rotary_qk on CUDA")
+    if impl == "fast_cpp_wrapper" and (
+        device.type != "cuda" or shape != "small" or model in ("rnn", "lstm")
+    ):
+        pytest.skip("Inductor's C++ wrapper: the launch-bound CUDA shape, compiled transformers")
     if impl == "fast_single_norms":
         # two single add & norm passes per d_mlp 0 layer instead of the fused one
         monkeypatch.setattr(backends, "FUSED_NORMS_AT_D_MLP_0", False)
@@ -180,6 +209,8 @@ def bench_model(benchmark, device, smoke, monkeypatch, direction, shape, dtype, 
     benchmark.group = f"model/{direction}/{shape}/{dtype}/{model}"
     batch = sir_batch(batch_size, trials, device)
     fn = timed_call(build_impl(model, impl, fields, device), direction, batch, dtype)
+    if impl in INDUCTOR_PATCHES:
+        compile_anew_with(fn, **INDUCTOR_PATCHES[impl])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rounds = 20 if device.type == "cuda" else 8

@@ -20,6 +20,8 @@ its own kernels (``static_launch_user_defined_triton_kernels``, off by
 default in torch 2.11-2.13): ``fast_compiled_torch_kernels`` runs the same
 math with Inductor's code for the rotation and the add & norms, and
 ``fast_compiled_static_launch`` compiles fast's code with that option on.
+``fast_compiled_cpp_wrapper`` compiles it with Inductor's C++ wrapper, which
+launches every kernel from C++ instead of Python.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from wmfast.fast import make_fast
 
-from .bench_models import build_impl, sir_batch, timed_call
+from .bench_models import build_impl, compile_anew_with, sir_batch, timed_call
 from .timing import alternating_speedup, time_it
 
 TRANSFORMER = "transformer/rotary_qk"
@@ -41,7 +43,18 @@ TRANSFORMER_IMPLS = [
     "fast_compiled",
     "fast_compiled_torch_kernels",
     "fast_compiled_static_launch",
+    "fast_compiled_cpp_wrapper",
 ]
+# Inductor settings the last two compile fast's code with (compile_anew_with).
+# The static launcher is strict: a kernel that it cannot launch fails the
+# case with Inductor's reason, instead of falling back to the row it is
+# compared with.
+INDUCTOR_PATCHES = {
+    "fast_compiled_static_launch": dict(
+        static_launch_user_defined_triton_kernels=True, strict_static_cuda_launcher=True
+    ),
+    "fast_compiled_cpp_wrapper": dict(cpp_wrapper=True),
+}
 RECURRENT_IMPLS = ["reference", "fast"]  # the compile options do not apply to them
 CASES = [(TRANSFORMER, impl) for impl in TRANSFORMER_IMPLS] + [
     (model, impl) for model in ("rnn", "lstm") for impl in RECURRENT_IMPLS
@@ -56,38 +69,22 @@ def _impl(model: str, impl: str, device: torch.device):
     reference = build_impl(model, "reference", FIELDS, device)
     if impl == "fast_compiled_torch_kernels":
         return make_fast(reference, compile="always", rotary="torch", norm="torch")
-    return make_fast(reference, compile="always")  # fast_compiled(_static_launch)
-
-
-def _compile_with_static_launch(fn) -> None:
-    """Run ``fn`` once, compiling it anew with Inductor's static launcher for
-    user-defined Triton kernels. Dynamo's caches are dropped first: fast
-    models of one configuration share their compiled code (wmfast.fast), and
-    "fast_compiled" compiled it without the option. Strict: a kernel that
-    cannot be launched statically fails the case with Inductor's reason,
-    instead of falling back to the row it is compared with."""
-    import torch._dynamo
-    import torch._inductor.config as inductor_config
-
-    torch._dynamo.reset()
-    with inductor_config.patch(
-        static_launch_user_defined_triton_kernels=True, strict_static_cuda_launcher=True
-    ):
-        fn()
+    return make_fast(reference, compile="always")  # fast_compiled(_static_launch, _cpp_wrapper)
 
 
 @pytest.mark.parametrize("model, impl", CASES)
 @pytest.mark.parametrize("direction", ["forward", "train_step"])
 def bench_overhead(benchmark, device, smoke, direction, model, impl):
-    if impl in ("fast_compiled_torch_kernels", "fast_compiled_static_launch") and (
-        device.type != "cuda"
-    ):
-        pytest.skip("same as fast_compiled off CUDA: the CPU rules take torch's code")
+    if impl in ("fast_compiled_torch_kernels", *INDUCTOR_PATCHES) and device.type != "cuda":
+        pytest.skip(
+            "rows about CUDA's launch path (the C++ wrapper's CPU numbers: "
+            "bench/results/README.md, stop 33)"
+        )
     benchmark.group = f"overhead/{model}/{direction}/{device.type}"
     batch = sir_batch(BATCH, TRIALS, device)
     fn = timed_call(_impl(model, impl, device), direction, batch, "fp32")
-    if impl == "fast_compiled_static_launch":
-        _compile_with_static_launch(fn)
+    if impl in INDUCTOR_PATCHES:
+        compile_anew_with(fn, **INDUCTOR_PATCHES[impl])
     time_it(
         benchmark,
         fn,

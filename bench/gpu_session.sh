@@ -70,7 +70,15 @@
 #      user-defined Triton kernels' launcher; on the CPU the runner's own
 #      work before the compiled call measured ~126 us, the size of that gap
 #      (bench/results/README.md, stop 26); the tiny RNN/LSTM rows check
-#      that their runner costs ~nothing; then RNN/LSTM at the small shape)
+#      that their runner costs ~nothing; then RNN/LSTM at the small shape;
+#      the new fast_compiled_cpp_wrapper row: does Inductor's C++ wrapper,
+#      which launches every kernel from C++, shrink that host time?)
+#   6. "models:small and bf16 and train_step and (None or rotary_qk) and
+#      (torch_compile or fast) and not norm and not unpacked and not
+#      cudagraphs"   (the small step with the C++ wrapper, fast_cpp_wrapper:
+#      does it reach >= 2.5x the reference without CUDA graphs? If so, it
+#      becomes a FastOptions setting; its first compile is longer and
+#      AOTAutograd's cache does not apply to it)
 # A session has 30 minutes of device time; a fresh machine takes ~30 s to
 # start and stays warm 30 s after a call, so a call made at once after the
 # last one skips both the start and the setup. Set WMFAST_CALL_LIMIT (seconds)
