@@ -380,6 +380,28 @@ def test_guide_causal_intervention(NNsight, pe):
     torch.testing.assert_close(normal_output, model(input_ids), **FP32_LOGITS)
 
 
+def test_guide_causal_intervention_on_rotary_qk(NNsight):
+    """The "rotary_qk" pos_encoder returns the (cos, sin) tables, a tuple, so
+    the guide's ``pos_encoder.output[:] = 0`` does not apply (zeroing both
+    would zero every query and key). Its ablation of positions, cos 1 and
+    sin 0 (README), gives the model without positions: the same seed builds
+    the same weights, since this pos_encoder holds none."""
+    config = small_config(positional_embedding_type="rotary_qk", seed=21)
+    traced_model = NNsight(build_model(config))
+    without_positions = build_model(config.replace(positional_embedding_type=None))
+    input_ids = random_ids(22, 50, 2, 8)
+    with traced_model.trace() as tracer:
+        with tracer.invoke(input_ids):
+            normal_output = traced_model.output_layer.output.save()
+        with tracer.invoke(input_ids):
+            cos, sin = traced_model.pos_encoder.output
+            cos[:] = 1  # every angle 0: no rotation
+            sin[:] = 0
+            intervened_output = traced_model.output_layer.output.save()
+    assert (normal_output - intervened_output).abs().mean() > 1e-3  # positions matter
+    torch.testing.assert_close(intervened_output, without_positions(input_ids), **FP32_LOGITS)
+
+
 def test_patterns_and_cache_take_an_nnsight_wrapped_model(NNsight):
     import wmfast
     from wmfast.interp import unwrap
