@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
+
+import pytest
 
 
 def test_import_is_light_and_never_touches_cuda():
@@ -32,3 +37,31 @@ def test_public_names():
         "build_model",
     ):
         assert hasattr(wmfast, name), name
+
+
+def test_the_wheel_holds_every_module_the_kernels_and_py_typed(tmp_path):
+    """A wheel built from the source tree (in a copy, so the build leaves
+    nothing behind) installs every module of src/wmfast, the kernels/ folder
+    as wmfast.kernels, and the PEP 561 marker."""
+    pytest.importorskip("setuptools", reason="building a wheel without isolation needs it")
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    for name in ("src", "kernels"):
+        shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    build = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps"]
+    build += ["--no-build-isolation", "-q", "-w", str(tmp_path / "dist")]
+    out = subprocess.run(build, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = (tmp_path / "dist").glob("wmfast-*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    want = {
+        f"wmfast/{p.relative_to(root / 'src/wmfast')}" for p in (root / "src/wmfast").rglob("*.py")
+    }
+    want |= {
+        f"wmfast/kernels/{p.relative_to(root / 'kernels')}"
+        for p in (root / "kernels").rglob("*.py")
+    }
+    want.add("wmfast/py.typed")
+    assert want <= held, sorted(want - held)
