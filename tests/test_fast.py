@@ -29,7 +29,7 @@ from wmfast import fast as wf
 from wmfast.check import answer_rows, cudnn_off_for_eval_rnn_backward
 from wmfast.fast import FastOptions, describe, make_fast, make_reference
 from wmfast.models.transformer_functional import fast_path_mismatch
-from wmfast.ops import output_layer_eager
+from wmfast.ops import mlp_eager, output_layer_eager, rnn_eager, rotary_eager, tail_eager
 
 from .helpers import (
     AUTOCAST_LOGITS,
@@ -1029,6 +1029,74 @@ def test_recurrent_calls_modules_agrees_with_the_recurrent_rules(device, grad):
             device_ = torch.device(device)
             assert backends.resolve_recurrence(model_class, device_, dtype, records) == "module"
             assert backends.resolve_output_layer(device_, records) == "module"
+
+
+# -- frozen parameters ----------------------------------------------------------------
+
+# The autograd Functions of the fast CPU training call, per model class
+_CPU_TRAINING_FUNCTIONS = {
+    "transformer": [tail_eager._Tail, mlp_eager._ReluMLP, rotary_eager._RotateInterleavedQK],
+    "rnn": [rnn_eager._ElmanRNN, output_layer_eager._OutputLayer],
+    "lstm": [output_layer_eager._OutputLayer],
+}
+
+
+def _count_applies(monkeypatch, functions) -> list[str]:
+    calls = []
+    for function in functions:
+
+        def counted(*args, _apply=function.apply, _name=function.__name__):
+            calls.append(_name)
+            return _apply(*args)
+
+        monkeypatch.setattr(function, "apply", counted)
+    return calls
+
+
+@pytest.mark.parametrize("frozen", ["embeddings", "first_layer"])
+@pytest.mark.parametrize("model_class", ["transformer", "rnn", "lstm"])
+def test_training_with_frozen_parameters_equals_the_reference(monkeypatch, model_class, frozen):
+    """workingmem's freeze_embeddings (embedding and output layer), or a frozen
+    first layer, through the CPU training call's own backward Functions
+    (sizes lowered so they run here): the trainable parameters' gradients
+    match the reference's, at the rows workingmem's loss reads, and the
+    frozen ones get none."""
+    monkeypatch.setattr(tail_eager, "MIN_TOKENS", 1)
+    monkeypatch.setattr(mlp_eager, "MIN_FUSED_HIDDEN", 1)
+    monkeypatch.setattr(rotary_eager, "MIN_FUSED_TOKENS", 1)
+    monkeypatch.setattr(output_layer_eager, "MIN_PRODUCTS", 1)
+    if model_class == "transformer":
+        config = small_config(positional_embedding_type="rotary_qk")
+    else:
+        config = small_config(model_class=model_class, act_fn="tanh")
+    reference, fast = reference_and_fast(config)
+    first = {
+        "transformer": "transformer_encoder.layers.0.",
+        "rnn": "rnn_core.",
+        "lstm": "lstm_core.",
+    }
+    prefixes = ("embedding.", "output_layer.") if frozen == "embeddings" else (first[model_class],)
+    for name, param in reference.named_parameters():
+        param.requires_grad_(not name.startswith(prefixes))
+    ids = random_ids(11, config.d_vocab, 3, 16)
+    rows = answer_rows(ids.shape[1])
+    weight = torch.randn(3, len(rows), config.d_vocab, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    calls = _count_applies(monkeypatch, _CPU_TRAINING_FUNCTIONS[model_class])
+    for name, model in (("reference", reference), ("fast", fast)):
+        calls.clear()
+        for param in reference.parameters():
+            param.grad = None
+        (model(ids)[:, rows] * weight).sum().backward()
+        grads[name] = {n: p.grad for n, p in reference.named_parameters()}
+        want_calls = {f.__name__ for f in _CPU_TRAINING_FUNCTIONS[model_class]}
+        assert set(calls) == (want_calls if name == "fast" else set()), calls
+    for name, want in grads["reference"].items():
+        got = grads["fast"][name]
+        if name.startswith(prefixes):
+            assert want is None and got is None, name
+        else:
+            torch.testing.assert_close(got, want, **FP32_GRADS, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # -- dropout, determinism -------------------------------------------------------------
