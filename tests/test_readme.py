@@ -61,7 +61,8 @@ def test_readme_python_examples_run_in_order(tmp_path, monkeypatch):
             exec(compile(source, filename, "exec"), namespace)
         except Exception as exc:
             raise AssertionError(f"README python block {number} failed:\n{block}") from exc
-    # the traced ablation changed the logits; the cache and patterns have their shapes
+    # the traced and the head ablation changed the logits; the cache and patterns have their shapes
     assert not torch.allclose(namespace["clean"], namespace["ablated"])
+    assert not torch.allclose(namespace["clean"], namespace["logits_without_head"])
     assert namespace["lens"].shape == namespace["logits"].shape
     assert namespace["pattern"].shape == (2, 4, 12, 12)

@@ -10,6 +10,7 @@ from wmfast.checkpoint import CheckpointError, load_model, save_run
 from wmfast.config import ConfigError, ModelConfig, TrainingConfig
 from wmfast.determinism import set_deterministic
 from wmfast.fast import FastOptions, describe, make_fast
+from wmfast.heads import ablate_heads
 from wmfast.patterns import attention_pattern, attention_patterns
 from wmfast.wrappers import (
     LSTMModelWrapper,
@@ -32,6 +33,7 @@ __all__ = [
     "TrainingConfig",
     "TransformerModelWrapper",
     "__version__",
+    "ablate_heads",
     "attention_pattern",
     "attention_patterns",
     "build_model",
