@@ -15,6 +15,7 @@ from wmfast import build_model
 from wmfast.heads import ablate_heads
 
 from .helpers import (
+    DEVICES,
     FP32_GRADS,
     FP32_LOGITS,
     POSITIONAL_TYPES,
@@ -56,7 +57,8 @@ def _logits_and_grads(model, params, ids, train):
 def test_an_ablated_head_adds_nothing_to_its_layer(pe, variant, layer, head, train, seed):
     """Logits as with the head's values zeroed; gradients too, except that the
     ablation passes none to the head's values (nor to the zeroed columns)."""
-    reference, fast = reference_and_fast(small_config(positional_embedding_type=pe, seed=seed))
+    config = small_config(positional_embedding_type=pe, seed=seed)
+    reference, fast = reference_and_fast(config)
     model = fast if variant == "fast" else reference
     ids = random_ids(seed, 50, 2, 7)
     zeroed, value_rows = _values_zeroed(reference, layer, head)
@@ -80,10 +82,12 @@ def test_an_ablated_head_adds_nothing_to_its_layer(pe, variant, layer, head, tra
     torch.testing.assert_close(model(ids), clean, rtol=0, atol=0)  # the weights came back
 
 
-def test_the_compiled_no_grad_path_sees_the_ablation():
-    reference, fast = reference_and_fast(small_config(positional_embedding_type="rotary_qk"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_compiled_no_grad_path_sees_the_ablation(device):
+    config = small_config(positional_embedding_type="rotary_qk")
+    reference, fast = reference_and_fast(config, device)
     reference.eval(), fast.eval()
-    ids = random_ids(9, 50, 2, 9)  # test_fast's compiled shape: its graph, if it ran
+    ids = random_ids(9, 50, 2, 9).to(device)  # test_fast's compiled shape: its graph, if it ran
     with torch.no_grad():
         clean = fast(ids)
         with ablate_heads(fast, [(1, 2), (0, 0), (1, 3)]):
