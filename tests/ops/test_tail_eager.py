@@ -192,6 +192,8 @@ def test_rows_to_compute_are_the_rows_the_loss_reads():
     assert tail_eager.rows_to_compute(grad, finite).tolist() == [2, 6, 10, 14]
     grad[0, 4] = float("nan")  # a NaN is not zero: its row takes part
     assert tail_eager.rows_to_compute(grad, finite).tolist() == [0, 2, 6, 10, 14]
+    grad[1, 0], grad[3, 1], grad[4, 2] = -float("inf"), 1e-42, -0.0  # a subnormal is not zero
+    assert tail_eager.rows_to_compute(grad, finite).tolist() == [0, 1, 2, 3, 6, 10, 14]
     dense = _row_weights("all", 2, 8, 5, 0, torch.float32).reshape(16, 5)
     assert tail_eager.rows_to_compute(dense, finite) is None
 
