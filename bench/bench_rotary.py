@@ -47,6 +47,7 @@ QK_IMPLS = [
     "wmfast_triton_inplace",
     "wmfast_launchers",
     "liger",
+    "liger_autograd",
 ]
 EMB_IMPLS = ["torch_eager", "torch_compile", "wmfast_triton"]
 
@@ -115,6 +116,8 @@ def bench_rotary_qk(benchmark, device, ops, compiled_rotary_qk, shape, dtype, im
 
     if impl == "liger":
         fn = _liger_rotary_qk(qkv, cos, sin, g_q, g_k, direction)
+    elif impl == "liger_autograd":
+        fn = _liger_autograd_rotary_qk(qkv, cos, sin, g_q, g_k, grad)
     elif impl == "wmfast_launchers":
         fn = _launchers_rotary_qk(q_in, k_in, cos, sin, g_q, g_k, direction)
     elif impl == "wmfast_triton_inplace":
@@ -230,6 +233,31 @@ def _liger_rotary_qk(qkv, cos, sin, g_q, g_k, direction):
         rope.rope_forward(q, k, cos_full, sin_full)
         if direction == "fwdbwd":
             rope.rope_backward(dq, dk, cos_full, sin_full)
+
+    return fn
+
+
+def _liger_autograd_rotary_qk(qkv, cos, sin, g_q, g_k, grad):
+    """liger's RoPE as a user calls it: its autograd.Function on leaves, so
+    that the row compares with wmfast_triton (our op through autograd) as
+    liger's row compares with wmfast_launchers. Its forward rotates the
+    leaves' storage in place and its backward the gradients (rotations: the
+    values stay bounded call after call). torch.autograd.grad hands its
+    gradients back as they are; .backward() into the leaves' .grad would copy
+    them, since the benchmark holds them too (wmfast's come new and are
+    taken as they are)."""
+    if not torch.cuda.is_available():
+        pytest.skip("liger-kernel runs on CUDA only")
+    rope = pytest.importorskip("liger_kernel.ops.rope")
+    q_in = qkv[:, :, 0].contiguous().transpose(1, 2).requires_grad_(grad)
+    k_in = qkv[:, :, 1].contiguous().transpose(1, 2).requires_grad_(grad)
+    cos_full, sin_full = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    dq, dk = g_q.transpose(1, 2).clone(), g_k.transpose(1, 2).clone()
+
+    def fn():
+        q, k = rope.LigerRopeFunction.apply(q_in, k_in, cos_full, sin_full)
+        if grad:
+            torch.autograd.grad((q, k), (q_in, k_in), (dq, dk))
 
     return fn
 

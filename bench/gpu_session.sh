@@ -59,8 +59,9 @@
 #   3. tune "rotary:fwdbwd and sir"   (bias_ffn_norms' launch settings are
 #      ptxas-informed guesses; rotary_tune prints the eager op's host time
 #      and cProfile's top functions, and the benchmark's wmfast_launchers
-#      row times our kernels as liger's row times its own: is the SIR bf16
-#      fwd+bwd miss against liger host work, as the CPU estimate says?)
+#      row times our kernels as liger's row times its own, liger_autograd
+#      liger's op through autograd as wmfast_triton times ours: is the SIR
+#      bf16 fwd+bwd miss against liger host work, as the CPU estimate says?)
 #   4. compile "models:fp32"   (not yet run on a GPU)
 #   5. overhead host "models:small and (rnn or lstm)"   (where fast's extra
 #      host time on a launch-bound step goes: "h100-3" measured 4.96 ms a
