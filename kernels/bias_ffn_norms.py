@@ -28,6 +28,7 @@ import torch
 
 from wmfast.kernels import layer_norm
 from wmfast.kernels._triton import (
+    cdiv,
     check_device,
     check_dtype,
     check_interpreter_runs_loops,
@@ -274,7 +275,7 @@ def bias_ffn_norms_fwd_launch(
     s2 = s.view(-1, n_cols) if s is not None else out2
     keep1_2 = keep1.view(-1, n_cols) if dropout else out2
     keep2_2 = keep2.view(-1, n_cols) if dropout else out2
-    wrap(_bias_ffn_norms_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
+    wrap(_bias_ffn_norms_fwd_kernel)[(cdiv(n_rows, block_m),)](
         x2, y2, norm1_weight, norm1_bias, ffn_bias, norm2_weight, norm2_bias,
         seeds if dropout else x2,
         out2, low2, s2, keep1_2, keep2_2,
@@ -313,7 +314,7 @@ def bias_ffn_norms_bwd_launch(
     parts = torch.empty(len(PARAM_GRADS), programs, n_cols, device=s.device, dtype=torch.float32)
     if n_rows == 0:
         return parts.zero_().sum(1)
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_m) * block_m
+    rows_per_program = cdiv(cdiv(n_rows, programs), block_m) * block_m
     s2, d_x2, d_y2 = s.view(-1, n_cols), d_x.view(-1, n_cols), d_y.view(-1, n_cols)
     d_out2 = _rows(d_out, n_cols) if d_out is not None else s2
     d_low2 = _rows(d_low, n_cols) if d_low is not None else s2

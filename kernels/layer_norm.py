@@ -36,10 +36,12 @@ import torch
 
 from wmfast.kernels._triton import (
     INTERPRETED,
+    cdiv,
     check_device,
     check_dtype,
     check_interpreter_runs_loops,
     fp32,
+    next_power_of_2,
     no_wrap,
     tl,
     triton,
@@ -237,7 +239,7 @@ def check_dropout_add_layer_norm(
 
 def _block_n(n_cols: int) -> int:
     """Whole rows in a power-of-two block, at least 4 (_keep_mask draws in fours)."""
-    return max(4, triton.next_power_of_2(n_cols))
+    return max(4, next_power_of_2(n_cols))
 
 
 def forward_blocks(n_cols: int) -> tuple[int, int, int]:
@@ -293,7 +295,7 @@ def dropout_add_layer_norm_fwd_launch(
     low2 = low.view(-1, n_cols) if low is not None else out2
     s2 = s.view(-1, n_cols) if s is not None else out2
     keep2 = keep.view(-1, n_cols) if dropout else out2
-    wrap(_dropout_add_layer_norm_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
+    wrap(_dropout_add_layer_norm_fwd_kernel)[(cdiv(n_rows, block_m),)](
         x2, y2, weight, bias, seed if dropout else x2,
         out2, low2, s2, keep2,
         n_rows, n_cols, float(p), 1.0 / (1.0 - p), float(eps),
@@ -315,7 +317,7 @@ def backward_programs(n_rows: int, block_m: int, warps: int, device: torch.devic
         wanted = min(32, 64 // warps) * sms
     else:
         wanted = 4
-    return max(1, min(wanted, triton.cdiv(n_rows, block_m)))
+    return max(1, min(wanted, cdiv(n_rows, block_m)))
 
 
 def dropout_add_layer_norm_bwd_launch(
@@ -342,7 +344,7 @@ def dropout_add_layer_norm_bwd_launch(
     if n_rows == 0:
         return d_w_part.zero_().sum(0), d_b_part.zero_().sum(0)
     # whole blocks per program, so no block straddles two programs
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_m) * block_m
+    rows_per_program = cdiv(cdiv(n_rows, programs), block_m) * block_m
     s2, d_x2, d_y2 = s.view(-1, n_cols), d_x.view(-1, n_cols), d_y.view(-1, n_cols)
     d_out2 = _rows(d_out, n_cols) if d_out is not None else s2
     d_low2 = _rows(d_low, n_cols) if d_low is not None else s2

@@ -38,7 +38,16 @@ from collections.abc import Callable
 
 import torch
 
-from wmfast.kernels._triton import check_device, check_dtype, fp32, no_wrap, tl, triton
+from wmfast.kernels._triton import (
+    cdiv,
+    check_device,
+    check_dtype,
+    fp32,
+    next_power_of_2,
+    no_wrap,
+    tl,
+    triton,
+)
 
 MAX_HEAD_DIM = 256
 TableStrides = tuple[int, int, int]  # a cos/sin table's (batch, position, feature) strides
@@ -233,10 +242,10 @@ def check_rotary_qk(
 
 def rotary_qk_blocks(half: int, heads: int) -> tuple[int, int, int]:
     """(BLOCK_HALF, BLOCK_H, num_warps) of a rotary_qk program for head_dim = 2 * half."""
-    block_half = triton.next_power_of_2(half)
+    block_half = next_power_of_2(half)
     # ~2k elements per program and tensor: enough work per program to hide
     # latency, few enough registers for head dims up to 256
-    block_h = max(1, min(triton.next_power_of_2(heads), 2048 // block_half))
+    block_h = max(1, min(next_power_of_2(heads), 2048 // block_half))
     # at least two pairs per thread: at the SIR shape with head_dim 64 (4 heads
     # of 32 pairs), 4 warps ran at 77% of the copy bandwidth and 2 at 96%; with
     # head_dim 128, 1 to 4 warps all at 98% (H100, tools/rotary_tune.py)
@@ -261,7 +270,7 @@ def rotary_qk_launch(
     if q.numel() == 0:
         return
     block_half, block_h, num_warps = rotary_qk_blocks(half, heads)
-    grid = (batch * seq_len, triton.cdiv(heads, block_h))
+    grid = (batch * seq_len, cdiv(heads, block_h))
     wrap(_rotary_qk_kernel)[grid](
         q, k, q_out, k_out, cos, sin,
         seq_len, heads,
@@ -298,7 +307,7 @@ def rotary_qk_packed_grad_launch(
     if d_q.numel() == 0:
         return
     block_half, block_h, num_warps = rotary_qk_blocks(half, heads)
-    grid = (batch * seq_len, triton.cdiv(heads, block_h))
+    grid = (batch * seq_len, cdiv(heads, block_h))
     wrap(_rotary_qk_packed_grad_kernel)[grid](
         d_q, d_k, d_v, out, cos, sin,
         seq_len, heads,
@@ -349,5 +358,5 @@ def embedding_rotation_launch(
         seq_len, float(scale),
         *x.stride(), *out.stride(),
         *cos_strides, *sin_strides,
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), ADD_INPUT=add_input, CONJ=conj,
+        HALF=half, BLOCK_HALF=next_power_of_2(half), ADD_INPUT=add_input, CONJ=conj,
     )  # fmt: skip
