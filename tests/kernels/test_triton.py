@@ -55,3 +55,15 @@ def test_the_norm_backwards_say_why_they_cannot_run(T, monkeypatch):
         )
     # raised before launching: nothing was written
     assert torch.equal(d_x, torch.full_like(s, 7.0)) and torch.equal(d_y, d_x)
+
+
+def test_the_launchers_integer_helpers_match_triton_s(T):
+    """cdiv and next_power_of_2 replace triton's (slower to call) in the
+    launchers: grids and blocks must not change."""
+    gen = torch.Generator().manual_seed(20261124)
+    ns = [0, 1, 2, 3, 15, 16, 17, 255, 256, 257, 2**31 - 1, 2**31, 2**40 + 3]
+    ns += torch.randint(1, 2**20, (200,), generator=gen).tolist()
+    for n in ns:
+        assert T.next_power_of_2(n) == T.triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 4, 16, 64, 1000):
+            assert T.cdiv(n, d) == T.triton.cdiv(n, d), (n, d)
