@@ -118,12 +118,40 @@ def main() -> None:
 
     print(f"ops.rotary_qk forward (grad on): {per_call_us(forward):.1f} us")
     print(f"ops.rotary_qk forward + backward: {per_call_us(forward_backward):.1f} us")
+    liger_host_cost(qkv, cos, sin)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(2000):
         forward_backward()
     profiler.disable()
     pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+
+
+def liger_host_cost(qkv, cos, sin) -> None:
+    """The same host work for liger-kernel's RoPE, when it is installed: its
+    launcher, and its autograd.Function forward + backward as
+    bench_rotary.py's liger_autograd row runs it. It rotates in place, so it
+    allocates nothing; ours allocates each output (four per forward + backward)."""
+    try:
+        from liger_kernel.ops import rope
+    except ImportError:
+        print("liger-kernel: not installed, skipped")
+        return
+    q = qkv[:, :, 0].contiguous().transpose(1, 2)  # its layout: (B, H, T, D) views
+    k = qkv[:, :, 1].contiguous().transpose(1, 2)
+    cos_full, sin_full = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    rope.rope_forward(q, k, cos_full, sin_full)  # compiles
+    print(
+        f"liger rope_forward: {per_call_us(lambda: rope.rope_forward(q, k, cos_full, sin_full)):.1f} us"
+    )
+    q_in, k_in = q.detach().requires_grad_(), k.detach().requires_grad_()
+    d_q, d_k = torch.randn_like(q), torch.randn_like(k)
+
+    def forward_backward():
+        q_rot, k_rot = rope.LigerRopeFunction.apply(q_in, k_in, cos_full, sin_full)
+        torch.autograd.grad((q_rot, k_rot), (q_in, k_in), (d_q, d_k))
+
+    print(f"liger autograd forward + backward: {per_call_us(forward_backward):.1f} us")
 
 
 if __name__ == "__main__":
