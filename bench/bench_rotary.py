@@ -216,11 +216,10 @@ def bench_rotary_qk_packed(benchmark, device, ops, compiled_split_and_rotate, sh
     )
 
 
-def _liger_rotary_qk(qkv, cos, sin, g_q, g_k, direction):
-    """liger's RoPE on its preferred layout: q, k as (B, H, T, D) views of
-    contiguous (B, T, H, D) storage and duplicated (1, T, D) tables, in place.
-    fwdbwd calls its forward and backward launchers directly (it rotates in
-    place, so autograd on a reused leaf is not an option)."""
+def _liger_inputs(qkv, cos, sin, g_q, g_k):
+    """liger's rope module and its preferred layout: q, k, d_q, d_k as
+    (B, H, T, D) views of contiguous (B, T, H, D) storage, and duplicated
+    (1, T, D) tables. Skips where liger cannot run."""
     if not torch.cuda.is_available():
         pytest.skip("liger-kernel runs on CUDA only")
     rope = pytest.importorskip("liger_kernel.ops.rope")
@@ -228,6 +227,14 @@ def _liger_rotary_qk(qkv, cos, sin, g_q, g_k, direction):
     k = qkv[:, :, 1].contiguous().transpose(1, 2)
     cos_full, sin_full = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
     dq, dk = g_q.transpose(1, 2).clone(), g_k.transpose(1, 2).clone()
+    return rope, q, k, cos_full, sin_full, dq, dk
+
+
+def _liger_rotary_qk(qkv, cos, sin, g_q, g_k, direction):
+    """liger's RoPE on its preferred layout, in place. fwdbwd calls its
+    forward and backward launchers directly (it rotates in place, so autograd
+    on a reused leaf is not an option)."""
+    rope, q, k, cos_full, sin_full, dq, dk = _liger_inputs(qkv, cos, sin, g_q, g_k)
 
     def fn():
         rope.rope_forward(q, k, cos_full, sin_full)
@@ -246,13 +253,8 @@ def _liger_autograd_rotary_qk(qkv, cos, sin, g_q, g_k, grad):
     gradients back as they are; .backward() into the leaves' .grad would copy
     them, since the benchmark holds them too (wmfast's come new and are
     taken as they are)."""
-    if not torch.cuda.is_available():
-        pytest.skip("liger-kernel runs on CUDA only")
-    rope = pytest.importorskip("liger_kernel.ops.rope")
-    q_in = qkv[:, :, 0].contiguous().transpose(1, 2).requires_grad_(grad)
-    k_in = qkv[:, :, 1].contiguous().transpose(1, 2).requires_grad_(grad)
-    cos_full, sin_full = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
-    dq, dk = g_q.transpose(1, 2).clone(), g_k.transpose(1, 2).clone()
+    rope, q_in, k_in, cos_full, sin_full, dq, dk = _liger_inputs(qkv, cos, sin, g_q, g_k)
+    q_in.requires_grad_(grad), k_in.requires_grad_(grad)
 
     def fn():
         q, k = rope.LigerRopeFunction.apply(q_in, k_in, cos_full, sin_full)
