@@ -76,7 +76,7 @@ def test_an_ablated_head_adds_nothing_to_its_layer(pe, variant, layer, head, tra
             g_want = g_want.clone()
             g_want[value_rows] = 0
         if name == prefix + "out_proj.weight":
-            columns = g_got.view(g_got.shape[0], 4, -1)[:, head]
+            columns = g_got.view(g_got.shape[0], config.n_heads, -1)[:, head]
             assert not columns.any(), "the zeroed columns' own gradient"
         torch.testing.assert_close(g_got, g_want, **FP32_GRADS, msg=lambda m, n=name: f"{n}: {m}")
     torch.testing.assert_close(model(ids), clean, rtol=0, atol=0)  # the weights came back
