@@ -11,6 +11,8 @@
 #                 (<= 540 s, the whole call: 522 tests took 305 s on an
 #                 H100, and there are 683 now)
 #   tests:EXPR    the tests that pytest -k EXPR selects, the same way
+#   cudatests     only the tests marked cuda or triton (98 of 735): the
+#                 part of the suite CI cannot run             (<= 300 s)
 #   rotary        the rotary kernel benchmarks                 (<= 200 s)
 #   rotary:EXPR   the rotary benchmarks that pytest -k EXPR selects
 #   norm          the dropout + add + LayerNorm benchmarks: wmfast's Triton
@@ -46,7 +48,17 @@
 # README.md): "h100" and "h100-2" (2026-11-23), "h100-3" (2026-11-23: the
 # probe, wmfast check fp32 and bf16, fp64 distances, the bf16 training steps
 # and forwards at both shapes, rotary, add & norm, determinism, overhead).
-# Next:
+# Next, with 15 minutes of device time (a session's budget since 2026-12;
+# a fresh machine's start counts): two calls, the correctness one first.
+#   A. cudatests "rotary:fwdbwd and sir"   (WMFAST_CALL_LIMIT=420: the CUDA
+#      and Triton tests, then the SIR rotary fwd+bwd rows with
+#      wmfast_launchers and liger_autograd, as in 3. below)
+#   B. "models:sir and bf16 and train_step and rotary_qk and (torch_compile
+#      or fast) and not torch_norm and not cudagraphs and not cpp"
+#      (WMFAST_CALL_LIMIT = what is left minus ~60 s: does rotary_qk reach
+#      1.2x torch.compile with the packed gradient and the fused norms, and
+#      what does each give, as in 2. below)
+# With 30 minutes, the calls below in order:
 #   1. tests   (the whole suite on CUDA, after the rule changes and the
 #      fused d_mlp 0 norms: bias_ffn_norms' kernels have only run under the
 #      interpreter and through ptxas)
@@ -153,6 +165,10 @@ for stage in "$@"; do
       done
       tail -40 "$OUT/tests.log"
       ;;
+    cudatests)
+      run_pytest 300 tests -n 14 -rfE --tb=short -m "cuda or triton" >>"$OUT/tests.log" 2>&1
+      tail -40 "$OUT/tests.log"
+      ;;
     rotary | rotary:*)
       run_pytest 200 bench/bench_rotary.py --benchmark-only -k "${stage#rotary:}" \
         --benchmark-json="$OUT/bench_rotary.json" 2>&1 | tail -5
@@ -216,7 +232,7 @@ for stage in "$@"; do
         --benchmark-json="$OUT/bench_models.json" 2>&1 | tail -5
       ;;
     *)
-      echo "unknown stage: $stage (tests[:EXPR], rotary[:EXPR], norm, profile, host, tools, probe, fp64, tune, check, determinism, compile, overhead, models:EXPR)"
+      echo "unknown stage: $stage (tests[:EXPR], cudatests, rotary[:EXPR], norm, profile, host, tools, probe, fp64, tune, check, determinism, compile, overhead, models:EXPR)"
       exit 2
       ;;
   esac
