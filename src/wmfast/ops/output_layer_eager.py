@@ -92,14 +92,16 @@ def output_layer(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     transform or autocast); otherwise the plain op. (On CUDA, finding the
     rows would be a host-device sync per backward.)"""
     tensors = (x, weight, bias)
+    # the size last: under torch.compile (a user's own) the tests before it
+    # end the test, and its comparison never becomes a guard on the sizes
     if not (
-        large_enough(x.numel(), weight.shape[0])
-        and bias is not None
+        bias is not None
         and x.device.type == weight.device.type == bias.device.type == "cpu"
         and torch.is_grad_enabled()
-        and any(t.requires_grad for t in tensors)
         and backends.eager_functions_allowed("cpu")
+        and any(t.requires_grad for t in tensors)
         and x.dtype == weight.dtype == bias.dtype
+        and large_enough(x.numel(), weight.shape[0])
     ):
         return F.linear(x, weight, bias)
     return _OutputLayer.apply(x, weight, bias)

@@ -110,9 +110,12 @@ def rotated_qkv(
     """
     batch, seq_len, d_model = x.shape
     head_dim = d_model // n_heads
+    # eager_functions_allowed first: under torch.compile it ends the test
+    # before the size comparison, which would otherwise become a guard on
+    # batch * seq_len and recompile a dynamic graph where it flips
     fused = (
-        batch * seq_len >= MIN_FUSED_TOKENS
-        and backends.eager_functions_allowed(x.device.type)
+        backends.eager_functions_allowed(x.device.type)
+        and batch * seq_len >= MIN_FUSED_TOKENS
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and not (cos.requires_grad or sin.requires_grad)

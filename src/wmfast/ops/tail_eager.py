@@ -338,18 +338,22 @@ def transformer_tail(
     CUDA), a missing bias, or tensors of mixed dtypes or devices.
     """
     tensors = (q, k, v, x, *layer[2:], output_weight, output_bias)  # all but in_proj's
+    # the device and eager_functions_allowed first: under torch.compile (or
+    # on CUDA) they end the test before the size comparisons, which would
+    # otherwise become guards on the token count and recompile a dynamic
+    # graph where one flips
     if not (
-        x.shape[-1] >= MIN_D_MODEL
+        x.device.type == "cpu"
+        and backends.eager_functions_allowed(x.device.type)
+        and torch.is_grad_enabled()
+        and x.shape[-1] >= MIN_D_MODEL
         and x.numel() // x.shape[-1] >= MIN_TOKENS
         and all(t is not None for t in tensors)
         and (
             dropout == 0.0
             or max(x.shape[-1], layer.linear1_weight.shape[0]) >= MIN_WIDTH_WITH_DROPOUT
         )
-        and x.device.type == "cpu"
-        and torch.is_grad_enabled()
         and any(t.requires_grad for t in tensors)
-        and backends.eager_functions_allowed(x.device.type)
         and len({t.dtype for t in tensors}) == 1
         and len({t.device for t in tensors}) == 1  # all on the CPU
     ):
