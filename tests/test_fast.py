@@ -587,13 +587,13 @@ def test_dynamic_option_keeps_one_graph_across_the_eager_functions_thresholds(mo
     shapes = ((2, 5), (3, 9), (4, 11))  # 10, 27 and 44 tokens
     assert describe(fast)["compiled_with_grad"] and describe(fast)["compiled_no_grad"]
     for grad in (True, False):
-        graphs_after_first_shape = []
+        graphs_after_each_shape = []
         for batch, seq_len in shapes:
             ids = random_ids(batch * seq_len, 50, batch, seq_len)
             with torch.set_grad_enabled(grad):
                 torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
-            graphs_after_first_shape.append(counters["stats"]["unique_graphs"])
-        assert len(set(graphs_after_first_shape)) == 1, f"grad={grad}: {graphs_after_first_shape}"
+            graphs_after_each_shape.append(counters["stats"]["unique_graphs"])
+        assert len(set(graphs_after_each_shape)) == 1, f"grad={grad}: {graphs_after_each_shape}"
 
 
 def test_each_configuration_compiles_with_its_own_recompile_limit():
