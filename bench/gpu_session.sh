@@ -11,8 +11,9 @@
 #                 (<= 540 s, the whole call: 522 tests took 305 s on an
 #                 H100, and there are 683 now)
 #   tests:EXPR    the tests that pytest -k EXPR selects, the same way
-#   cudatests     only the tests marked cuda or triton (98 of 735): the
-#                 part of the suite CI cannot run             (<= 300 s)
+#   cudatests     only the tests marked cuda or triton (~120 of ~760 on a
+#                 GPU, the CUDA cases of the device-parametrized property
+#                 tests included): the part CI cannot run     (<= 300 s)
 #   rotary        the rotary kernel benchmarks                 (<= 200 s)
 #   rotary:EXPR   the rotary benchmarks that pytest -k EXPR selects
 #   norm          the dropout + add + LayerNorm benchmarks: wmfast's Triton

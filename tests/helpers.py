@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 
 from wmfast import ModelConfig
@@ -156,7 +157,11 @@ def reference_and_fast(config: ModelConfig, device="cpu", **options):
 
 # Devices the fast-vs-reference property tests run on: the CPU always, CUDA too
 # when present (so a GPU machine runs the same suite on the CUDA fast path).
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The CUDA cases carry the cuda marker, so `-m cuda` (bench/gpu_session.sh's
+# cudatests) selects them with the tests that only run on CUDA.
+DEVICES = ["cpu"] + (
+    [pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else []
+)
 
 
 class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
