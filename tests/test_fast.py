@@ -574,22 +574,24 @@ def test_dynamic_option_serves_every_length_and_batch_size_with_one_graph():
     assert not hasattr(ids, "_dynamo_weak_dynamic_indices")  # the caller's tensor stays unmarked
 
 
-def test_dynamic_option_keeps_one_graph_across_the_eager_functions_thresholds(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_dynamic_option_keeps_one_graph_across_the_eager_functions_thresholds(device, monkeypatch):
     # The eager ops (rotary_eager, tail_eager) run from a token count up and
     # are traced by the compiled forward too, where they take the plain math:
     # a size comparison reached there became a guard on batch * seq_len, and
-    # a dynamic graph recompiled where it flipped (at 256 and 1024 tokens).
+    # a dynamic graph recompiled where it flipped (at 256 and 1024 tokens; on
+    # CUDA too, where the tail's size test came before its device test).
     # Thresholds low enough for small shapes to cross (conftest sets them to 0).
     monkeypatch.setattr(rotary_eager, "MIN_FUSED_TOKENS", 16)
     monkeypatch.setattr(tail_eager, "MIN_TOKENS", 32)
     config = small_config(positional_embedding_type="rotary_qk", n_layers=1)
-    reference, fast = reference_and_fast(config, compile="always", dynamic=True)
+    reference, fast = reference_and_fast(config, device, compile="always", dynamic=True)
     shapes = ((2, 5), (3, 9), (4, 11))  # 10, 27 and 44 tokens
     assert describe(fast)["compiled_with_grad"] and describe(fast)["compiled_no_grad"]
     for grad in (True, False):
         graphs_after_each_shape = []
         for batch, seq_len in shapes:
-            ids = random_ids(batch * seq_len, 50, batch, seq_len)
+            ids = random_ids(batch * seq_len, 50, batch, seq_len).to(device)
             with torch.set_grad_enabled(grad):
                 torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
             graphs_after_each_shape.append(counters["stats"]["unique_graphs"])
