@@ -317,7 +317,10 @@ def backward_programs(n_rows: int, block_m: int, warps: int, device: torch.devic
         wanted = min(32, 64 // warps) * sms
     else:
         wanted = 4
-    return max(1, min(wanted, cdiv(n_rows, block_m)))
+    # torch.sym_min/sym_max, not min/max: under torch.compile with dynamic
+    # shapes n_rows is symbolic, and a Python comparison of it would become a
+    # guard (a second graph once the rows cross `wanted`); on ints they are min/max
+    return torch.sym_max(1, torch.sym_min(wanted, cdiv(n_rows, block_m)))
 
 
 def dropout_add_layer_norm_bwd_launch(

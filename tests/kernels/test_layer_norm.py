@@ -185,3 +185,24 @@ def test_bad_inputs_are_clear_errors(K, change, error, match):
     bias = torch.zeros(n_cols, device=device)
     with pytest.raises(error, match=match):
         K.check_dropout_add_layer_norm(x, y, weight, bias, change.get("p", 0.1))
+
+
+def test_backward_program_count_puts_no_guard_on_a_symbolic_row_count(K):
+    # Under torch.compile with dynamic shapes the launcher sees the row count
+    # as a SymInt; a Python min() of it became a guard, and a compiled CUDA
+    # training step compiled again once the rows crossed the programs an H100
+    # keeps resident (4223 rows for the add & norm backward, measured with
+    # tools/cuda_codegen_check.py's pretend H100)
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    shape_env = ShapeEnv()
+    for rows in (1, 3, 100):  # below, at and above the CPU's 4 programs
+        n_rows = shape_env.create_unspecified_symint_and_symbol(
+            rows, ConstantSource(f"rows_{rows}"), DimDynamic.DYNAMIC
+        )
+        programs = K.backward_programs(n_rows, 1, 4, torch.device("cpu"))
+        assert shape_env.guards == [], f"{rows} rows: {shape_env.guards}"
+        # still the count itself, symbolic, and the same on plain ints
+        assert isinstance(programs, torch.SymInt) and programs.node.hint == max(1, min(4, rows))
+        assert K.backward_programs(rows, 1, 4, torch.device("cpu")) == programs.node.hint
