@@ -197,7 +197,7 @@ def test_backward_program_count_puts_no_guard_on_a_symbolic_row_count(K):
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
     shape_env = ShapeEnv()
-    for rows in (1, 3, 100):  # below, at and above the CPU's 4 programs
+    for rows in (1, 3, 100):  # one program at least; fewer rows than the CPU's 4; more
         n_rows = shape_env.create_unspecified_symint_and_symbol(
             rows, ConstantSource(f"rows_{rows}"), DimDynamic.DYNAMIC
         )
