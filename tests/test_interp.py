@@ -285,6 +285,53 @@ def test_traces_compile_nothing_and_compiled_code_is_used_after(NNsight, monkeyp
     assert compiled_calls == [1] and counters["stats"]["unique_graphs"] == graphs
 
 
+def edits_session_and_stop(nm, ids):
+    """nnsight workflows beyond one trace: a persistent edit on a copy and
+    in place, two traces in one session (a value carried from the first into
+    the second), and a trace stopped early. Returns what each saw."""
+    seen = {}
+    with nm.edit() as (_, edited):
+        edited.transformer_encoder.layers[0].output[:] = 0
+    with edited.trace(ids):
+        seen["edited copy"] = edited.output.save()
+    with nm.trace(ids):
+        seen["original after edit"] = nm.output.save()
+    with nm.edit(inplace=True):
+        nm.transformer_encoder.layers[1].norm1.output[:] = 1
+    with nm.trace(ids):
+        seen["edited in place"] = nm.output.save()
+    nm.clear_edits()
+    with nm.session():
+        with nm.trace(ids):
+            first = nm.transformer_encoder.layers[0].output.save()
+        with nm.trace(ids):
+            nm.transformer_encoder.layers[0].output[:] = first * 2
+            seen["session"] = nm.output.save()
+    with nm.trace(ids) as tracer:
+        seen["stopped"] = nm.embedding.output.save()
+        tracer.stop()
+    return seen
+
+
+@pytest.mark.parametrize("pe", ["rotary_qk", "standard"])
+def test_edits_sessions_and_early_stops_trace_the_same_on_the_fast_model(NNsight, pe):
+    """The fast model tells these traces from untraced calls too (an edited
+    copy is another envoy on the same module), so every edit reaches it."""
+    config = small_config(positional_embedding_type=pe, seed=31)
+    reference = build_model(config, variant="reference")
+    fast = make_fast(reference)
+    ids = random_ids(32, 50, 2, 9)
+    want = edits_session_and_stop(NNsight(reference), ids)
+    got = edits_session_and_stop(NNsight(fast), ids)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **FP32_LOGITS, msg=name)
+    plain = fast(ids)  # edits stay inside traces
+    torch.testing.assert_close(got["original after edit"], plain, **FP32_LOGITS)
+    for name in ("edited copy", "edited in place", "session"):
+        assert (got[name] - plain).abs().max() > 1e-3, name  # the edit really happened
+
+
 def test_batched_invokes_each_see_their_own_rows(NNsight):
     fast = build_model(small_config(positional_embedding_type="standard"))
     nm = NNsight(fast)
