@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from wmfast import CheckpointError, ModelConfig, ModelWrapper, load_model, save_run
+from wmfast import CheckpointError, ModelConfig, load_model, save_run
 from wmfast import checkpoint as ckpt
 from wmfast.config import WMFAST_MODEL_FIELDS
 
@@ -129,39 +129,6 @@ def test_other_python_tags_are_refused(tmp_path):
     save_run(tmp_path, reference_model(config), config)
     (tmp_path / "config.yaml").write_text("d_vocab: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(CheckpointError, match="not valid YAML"):
-        load_model(tmp_path, variant="reference")
-
-
-def _run_with_d_mlp_written_as_0(run_dir, d_mlp: int):
-    """A run as a workingmem revision that builds d_mlp 0 as dim_feedforward
-    4 * d_model writes it: that width in the weights, ``d_mlp: 0`` in
-    config.yaml. Returns the model whose weights it holds."""
-    config = small_config(positional_embedding_type="rotary", d_mlp=d_mlp)
-    model = reference_model(config).eval()
-    save_run(run_dir, model, config)
-    text = (run_dir / "config.yaml").read_text()
-    assert f"d_mlp: {d_mlp}\n" in text
-    (run_dir / "config.yaml").write_text(text.replace(f"d_mlp: {d_mlp}\n", "d_mlp: 0\n"))
-    return model
-
-
-def test_loads_the_d_mlp_0_runs_of_workingmems_4x_revision(tmp_path, caplog):
-    width = 4 * small_config().d_model
-    written = _run_with_d_mlp_written_as_0(tmp_path, width)
-    ids = random_ids(40, 50, 2, 9)
-    with caplog.at_level("WARNING", logger="wmfast"):
-        model = load_model(tmp_path, variant="reference").eval()
-    assert "config.yaml says d_mlp 0" in caplog.text and f"d_mlp={width}" in caplog.text
-    assert model.config.d_mlp == width
-    with torch.no_grad():
-        assert torch.equal(model(ids), written(ids))
-    wrapper = ModelWrapper.from_checkpoint_dir(tmp_path, variant="reference")
-    assert wrapper.config.d_mlp == width
-
-
-def test_a_d_mlp_0_run_of_another_width_is_still_a_shape_error(tmp_path):
-    _run_with_d_mlp_written_as_0(tmp_path, 2 * small_config().d_model)
-    with pytest.raises(CheckpointError, match=r"linear1.weight: checkpoint \(64, 32\) vs model"):
         load_model(tmp_path, variant="reference")
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -39,8 +38,7 @@ import yaml
 from torch import nn
 
 from wmfast.config import ConfigError, ModelConfig
-
-logger = logging.getLogger("wmfast")
+from wmfast.workingmem_revisions import from_earlier_revisions
 
 BEST_WEIGHTS = "best_model.pth"
 CONFIG_FILE = "config.yaml"
@@ -187,6 +185,12 @@ def load_state_dict_strict(
     model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
 ) -> None:
     """Load strictly, naming every missing, unexpected and mis-shaped key."""
+    if "embed.W_E" in state_dict:
+        raise CheckpointError(
+            f"{source} holds a TransformerLens HookedTransformer (keys embed.W_E, "
+            f"blocks.N.attn.W_Q, ...), the model of workingmem's revisions before its "
+            f"nn.TransformerEncoder port: another architecture, which wmfast does not build"
+        )
     state_dict = without_aliases(state_dict)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -262,40 +266,6 @@ def find_weights(run_dir: str | os.PathLike, epoch: int | None = None) -> Path:
     return found[0]
 
 
-def _with_the_feed_forward_width_of(
-    state_dict: dict[str, torch.Tensor], config: ModelConfig, source: Path
-) -> ModelConfig:
-    """``config`` with d_mlp set to the width of a d_mlp 0 checkpoint's
-    feed-forward block, where that is 4 * d_model.
-
-    workingmem's revisions disagree on d_mlp 0. The one its guide documents
-    (and shared/golden, and wmfast) builds Linear(d_model, 0): a block that
-    outputs linear2's bias. Another one builds ``dim_feedforward = 4 *
-    d_model`` for d_mlp 0 and still writes ``d_mlp: 0`` into config.yaml. Its
-    checkpoints hold that width in every layer's linear1, so the model that
-    computes what they computed is the one of that width; any other width
-    is left to the strict load to report."""
-    if config.model_class != "transformer" or config.d_mlp != 0:
-        return config
-    widths = {
-        tuple(value.shape)
-        for key, value in state_dict.items()
-        if key.startswith("transformer_encoder.layers.") and key.endswith(".linear1.weight")
-    }
-    width = 4 * config.d_model
-    if widths != {(width, config.d_model)}:
-        return config
-    logger.warning(
-        "%s: config.yaml says d_mlp 0 but every layer's feed-forward block has width "
-        "4 * d_model = %d (written by a workingmem revision that builds d_mlp 0 that "
-        "wide); loading it as d_mlp=%d",
-        source,
-        width,
-        width,
-    )
-    return config.replace(d_mlp=width)
-
-
 def read_run(run_dir: str | os.PathLike, epoch: int | None = None) -> Run:
     """Read and check a run directory (config, weights, history)."""
     run_dir = Path(run_dir)
@@ -304,7 +274,7 @@ def read_run(run_dir: str | os.PathLike, epoch: int | None = None) -> Run:
     config = read_config(run_dir)
     weights = find_weights(run_dir, epoch)
     state_dict = read_state_dict(weights)
-    config = _with_the_feed_forward_width_of(state_dict, config, weights)
+    config, state_dict = from_earlier_revisions(config, state_dict, weights)
     history_path = run_dir / HISTORY_FILE
     history = _read_yaml(history_path, "history.yaml") if history_path.exists() else []
     if history is None:
