@@ -38,7 +38,7 @@ import yaml
 from torch import nn
 
 from wmfast.config import ConfigError, ModelConfig
-from wmfast.workingmem_revisions import from_earlier_revisions
+from wmfast.workingmem_revisions import from_other_revisions
 
 BEST_WEIGHTS = "best_model.pth"
 CONFIG_FILE = "config.yaml"
@@ -188,8 +188,8 @@ def load_state_dict_strict(
     if "embed.W_E" in state_dict:
         raise CheckpointError(
             f"{source} holds a TransformerLens HookedTransformer (keys embed.W_E, "
-            f"blocks.N.attn.W_Q, ...), the model of workingmem's revisions before its "
-            f"nn.TransformerEncoder port: another architecture, which wmfast does not build"
+            f"blocks.N.attn.W_Q, ...), the transformer of workingmem's revisions without "
+            f"its nn.TransformerEncoder port: another architecture, which wmfast does not build"
         )
     state_dict = without_aliases(state_dict)
     expected = model.state_dict()
@@ -274,7 +274,7 @@ def read_run(run_dir: str | os.PathLike, epoch: int | None = None) -> Run:
     config = read_config(run_dir)
     weights = find_weights(run_dir, epoch)
     state_dict = read_state_dict(weights)
-    config, state_dict = from_earlier_revisions(config, state_dict, weights)
+    config, state_dict = from_other_revisions(config, state_dict, weights)
     history_path = run_dir / HISTORY_FILE
     history = _read_yaml(history_path, "history.yaml") if history_path.exists() else []
     if history is None:

@@ -3,7 +3,7 @@
 wmfast builds the models of the revision its guide documents (the
 nn.TransformerEncoder port; shared/golden holds that code's outputs). Runs of
 two other revisions hold weights of the same functions under another
-layout, and load after the conversions here (``from_earlier_revisions``):
+layout, and load after the conversions here (``from_other_revisions``):
 
 * **d_mlp 0 built 4 * d_model wide.** One revision of the port builds
   ``dim_feedforward = 4 * d_model`` for d_mlp 0 (wmfast, like the guide's
@@ -11,14 +11,14 @@ layout, and load after the conversions here (``from_earlier_revisions``):
   bias) and still writes ``d_mlp: 0`` into config.yaml. Its checkpoints hold
   that width in every layer's linear1; the model that computes what they
   computed is the one of that width.
-* **The nn.Sequential RNN/LSTM.** Before the port, workingmem's RNN and LSTM
-  were ``nn.Sequential(embed, rnn | lstm, unembed)`` (in older files still
-  numbered 0, 1, 2): the same embedding, recurrence and output layer, so
-  their weights load under wmfast's names (``rnn_core.rnn``,
-  ``lstm_core.lstm``; ``embed``/``unembed`` are the aliases
-  wmfast.checkpoint maps anyway).
+* **The nn.Sequential RNN/LSTM.** The revisions without the port (its
+  TransformerLens line) build the RNN and LSTM as ``nn.Sequential(embed,
+  rnn | lstm, unembed)`` (in older files numbered 0, 1, 2): the same
+  embedding, recurrence and output layer, so their weights load under
+  wmfast's names (``rnn_core.rnn``, ``lstm_core.lstm``; ``embed``/``unembed``
+  are the aliases wmfast.checkpoint maps anyway).
 
-That revision's Transformer was a TransformerLens HookedTransformer, another
+Their Transformer is a TransformerLens HookedTransformer, another
 architecture: wmfast.checkpoint names it in its load error instead.
 """
 
@@ -50,7 +50,7 @@ _SEQUENTIAL_RECURRENT = {
 }
 
 
-def from_earlier_revisions(
+def from_other_revisions(
     config: ModelConfig, state_dict: dict[str, torch.Tensor], source: Path
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, state_dict) as wmfast builds and names them; unchanged for
