@@ -86,12 +86,16 @@ class _AlwaysSame(torch.nn.Module):
         return logits
 
 
-def test_accuracy_skips_the_warmup_answers_and_macro_accuracy_counts_whole_sequences():
+def test_accuracy_skips_the_warmup_unless_asked_and_macro_accuracy_counts_whole_sequences():
     metrics = T.evaluate(_AlwaysSame(), VAL, torch.device("cpu"), batch_size=8)
     labels = torch.stack([VAL[i]["token_ids"][3::4] for i in range(len(VAL))])
     warmup = 2 * VAL.config.concurrent_reg
     assert metrics["acc"] == pytest.approx(float((labels[:, warmup:] == sir.SAME).float().mean()))
     assert metrics["macro_acc"] == pytest.approx(float((labels == sir.SAME).all(1).float().mean()))
+    every = T.evaluate(_AlwaysSame(), VAL, torch.device("cpu"), batch_size=8, skip_warmup=False)
+    assert every["acc"] == pytest.approx(float((labels == sir.SAME).float().mean()))
+    assert every["acc"] != metrics["acc"]  # the warm-up's answers count now
+    assert every["macro_acc"] == metrics["macro_acc"]
 
 
 def _on_cpu(wrapper):

@@ -146,3 +146,21 @@ def test_evaluate_takes_workingmems_arguments_and_returns_its_predictions():
     table = _Table()
     wrapper.test(data, table)  # as workingmem's test: no epoch, so no rows
     assert table.rows == []
+
+
+def test_evaluate_counts_the_warmup_answers_when_asked():
+    from wmfast.tasks import sir
+
+    wrapper = TransformerModelWrapper(small_config(d_vocab=350, seed=6), variant="reference")
+    with torch.no_grad():  # a model that always answers "same"
+        wrapper.model.output_layer.weight.zero_()
+        wrapper.model.output_layer.bias.zero_()[sir.SAME] = 1.0
+    data = sir.SIRDataset(seq_len=10, n_sequences=6, seed=6)
+    labels = torch.stack([data[i]["token_ids"][3::4] for i in range(len(data))])
+    right = labels == sir.SAME
+    skipped = wrapper.evaluate(data, batch_size=4, precision="fp32")
+    every = wrapper.evaluate(data, batch_size=4, precision="fp32", skip_warmup=False)
+    warmup = 2 * data.config.concurrent_reg
+    assert skipped["acc"] == pytest.approx(float(right[:, warmup:].float().mean()))
+    assert every["acc"] == pytest.approx(float(right.float().mean()))
+    assert every["acc"] != skipped["acc"]

@@ -151,12 +151,17 @@ def evaluate(
     mask_answer_tokens: bool = True,
     precision: str = "auto",
     return_predictions: bool = False,
+    *,
+    skip_warmup: bool = True,
 ) -> dict[str, Any]:
     """{"loss", "acc", "macro_acc"} of ``model`` on ``dataset`` (no grad, eval mode).
 
     As in workingmem, "loss" is the mean of per-batch means (so it depends a
     little on ``batch_size``), and "acc" counts only the answers after the
-    warm-up (NaN for sequences with no answer beyond it).
+    warm-up (NaN for sequences with no answer beyond it). workingmem's
+    revisions differ there: its TransformerLens line skips the warm-up, the
+    nn.TransformerEncoder port that was read here counts every answer
+    (``skip_warmup=False``). "macro_acc" counts every answer in both.
 
     ``return_predictions`` adds workingmem's "predictions" and
     "actual_labels" ((N, answers) int64 arrays: the argmax at each answer, and
@@ -182,7 +187,7 @@ def evaluate(
     if not losses:
         raise ValueError("cannot evaluate on an empty dataset")
     predictions, labels = torch.cat(predictions), torch.cat(labels)
-    warmup = _warmup_answers(dataset)
+    warmup = _warmup_answers(dataset) if skip_warmup else 0
     correct = predictions == labels
     metrics: dict[str, Any] = {
         "loss": float(np.mean(losses)),

@@ -146,11 +146,14 @@ class ModelWrapper:
         return_predictions: bool = False,
         mask_answer_tokens: bool = True,
         precision: str = "auto",
+        *,
+        skip_warmup: bool = True,
     ) -> dict:
         """{"loss", "acc", "macro_acc"} on ``dataset``; workingmem's arguments.
 
         ``return_predictions`` adds "predictions", "actual_labels" and
-        "input_sequences" (wmfast.training.evaluate). As in workingmem, a
+        "input_sequences"; ``skip_warmup=False`` counts the warm-up's answers
+        in "acc" too (wmfast.training.evaluate). As in workingmem, a
         ``predictions_table`` (a wandb.Table with columns epoch, example_ix,
         eval_example, eval_prediction, eval_labels) gets a row per sequence
         when ``train_epoch`` is given; example_ix counts within each batch.
@@ -160,7 +163,7 @@ class ModelWrapper:
         fill_table = predictions_table is not None and train_epoch is not None
         metrics = training.evaluate(
             self.model, dataset, self.device, batch_size, mask_answer_tokens, precision,
-            return_predictions=return_predictions or fill_table,
+            return_predictions=return_predictions or fill_table, skip_warmup=skip_warmup,
         )  # fmt: skip
         if fill_table:
             _add_prediction_rows(predictions_table, train_epoch, dataset, metrics, batch_size)
