@@ -59,7 +59,8 @@ def _sequential_keys(state_dict, model_class: str, numbered: bool):
 @pytest.mark.parametrize("model_class", ["rnn", "lstm"])
 @pytest.mark.parametrize("numbered", [False, True], ids=["named", "numbered"])
 def test_loads_the_runs_of_the_sequential_rnn_and_lstm(tmp_path, model_class, numbered):
-    config = small_config(model_class=model_class, act_fn="tanh", seed=41)
+    act_fn = "tanh" if model_class == "rnn" else "relu"
+    config = small_config(model_class=model_class, act_fn=act_fn, seed=41)
     written = reference_model(config).eval()
     save_run(tmp_path, written, config)
     state = torch.load(tmp_path / "best_model.pth", weights_only=True)
@@ -75,8 +76,11 @@ def test_loads_the_runs_of_the_sequential_rnn_and_lstm(tmp_path, model_class, nu
 def test_a_hooked_transformer_run_is_named_in_the_error(tmp_path):
     config = small_config()
     save_run(tmp_path, reference_model(config), config)
-    d = config.d_model
-    hooked = {"embed.W_E": torch.randn(50, d), "blocks.0.attn.W_Q": torch.randn(4, d, 8)}
+    gen, d = torch.Generator().manual_seed(43), config.d_model
+    hooked = {
+        "embed.W_E": torch.randn(50, d, generator=gen),
+        "blocks.0.attn.W_Q": torch.randn(4, d, 8, generator=gen),
+    }
     torch.save(hooked, tmp_path / "best_model.pth")
     with pytest.raises(CheckpointError, match="TransformerLens HookedTransformer"):
         load_model(tmp_path, variant="reference")
