@@ -33,22 +33,6 @@ from wmfast.config import ModelConfig
 
 logger = logging.getLogger("wmfast")
 
-# nn.Sequential's entry -> wmfast's module path, per model class
-_SEQUENTIAL_RECURRENT = {
-    "rnn": {
-        "0.": "embedding.",
-        "1.": "rnn_core.rnn.",
-        "rnn.": "rnn_core.rnn.",
-        "2.": "output_layer.",
-    },
-    "lstm": {
-        "0.": "embedding.",
-        "1.": "lstm_core.lstm.",
-        "lstm.": "lstm_core.lstm.",
-        "2.": "output_layer.",
-    },
-}
-
 
 def from_other_revisions(
     config: ModelConfig, state_dict: dict[str, torch.Tensor], source: Path
@@ -91,10 +75,11 @@ def _from_the_sequential_layout(
     state_dict: dict[str, torch.Tensor], model_class: str
 ) -> dict[str, torch.Tensor]:
     """The nn.Sequential RNN/LSTM's keys under wmfast's module paths."""
-    renames = _SEQUENTIAL_RECURRENT[model_class]
-    core = renames["1."]
+    core = f"{model_class}_core.{model_class}."  # rnn_core.rnn., lstm_core.lstm.
     if any(key.startswith(core) for key in state_dict):
         return state_dict  # wmfast's layout
+    # nn.Sequential's entry, by name or by number -> wmfast's module path
+    renames = {"0.": "embedding.", "1.": core, f"{model_class}.": core, "2.": "output_layer."}
     out = {}
     for key, value in state_dict.items():
         prefix = next((p for p in renames if key.startswith(p)), None)
