@@ -84,3 +84,30 @@ def test_a_hooked_transformer_run_is_named_in_the_error(tmp_path):
     torch.save(hooked, tmp_path / "best_model.pth")
     with pytest.raises(CheckpointError, match="TransformerLens HookedTransformer"):
         load_model(tmp_path, variant="reference")
+
+
+@pytest.mark.parametrize("model_class", ["rnn", "lstm"])
+@pytest.mark.parametrize("numbered", [False, True], ids=["named", "numbered"])
+def test_load_state_dict_takes_the_sequential_layout(model_class, numbered):
+    config = small_config(model_class=model_class, seed=44)
+    written = reference_model(config).eval()
+    old = _sequential_keys(written.state_dict(), model_class, numbered)
+    fresh = reference_model(config.replace(seed=45)).eval()
+    fresh.load_state_dict(old, strict=True)
+    ids = random_ids(46, 50, 2, 7)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), written(ids))
+    # nested under a prefix, as in a user's own module holding the model
+    holder = torch.nn.Module()
+    holder.model = reference_model(config.replace(seed=47)).eval()
+    holder.load_state_dict({f"model.{k}": v for k, v in old.items()}, strict=True)
+    with torch.no_grad():
+        assert torch.equal(holder.model(ids), written(ids))
+
+
+def test_load_state_dict_of_the_sequential_layout_still_names_what_is_missing():
+    config = small_config(model_class="lstm", seed=48)
+    old = _sequential_keys(reference_model(config).state_dict(), "lstm", numbered=True)
+    del old["2.bias"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*output_layer\.bias"):
+        reference_model(config).load_state_dict(old, strict=True)

@@ -16,7 +16,9 @@ layout, and load after the conversions here (``from_other_revisions``):
   rnn | lstm, unembed)`` (in older files numbered 0, 1, 2): the same
   embedding, recurrence and output layer, so their weights load under
   wmfast's names (``rnn_core.rnn``, ``lstm_core.lstm``; ``embed``/``unembed``
-  are the aliases wmfast.checkpoint maps anyway).
+  are the aliases wmfast.checkpoint maps anyway). A bare
+  ``model.load_state_dict`` of such a state_dict converts it too (the
+  recurrent models' ``_load_from_state_dict``).
 
 Their Transformer is a TransformerLens HookedTransformer, another
 architecture: wmfast.checkpoint names it in its load error instead.
@@ -42,7 +44,7 @@ def from_other_revisions(
     strict load then reports)."""
     if config.model_class == "transformer":
         return _with_the_feed_forward_width_of(state_dict, config, source), state_dict
-    return config, _from_the_sequential_layout(state_dict, config.model_class)
+    return config, from_the_sequential_layout(state_dict, config.model_class)
 
 
 def _with_the_feed_forward_width_of(
@@ -71,7 +73,7 @@ def _with_the_feed_forward_width_of(
     return config.replace(d_mlp=width)
 
 
-def _from_the_sequential_layout(
+def from_the_sequential_layout(
     state_dict: dict[str, torch.Tensor], model_class: str
 ) -> dict[str, torch.Tensor]:
     """The nn.Sequential RNN/LSTM's keys under wmfast's module paths."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from wmfast.config import ModelConfig
 from wmfast.models.base import WorkingMemoryModel
+from wmfast.workingmem_revisions import from_the_sequential_layout
 
 
 class RNNCore(nn.Module):
@@ -53,6 +54,18 @@ class _RecurrentModel(WorkingMemoryModel):
         x = self.embedding(input_ids)  # (B, T, d_model)
         h = getattr(self, self.core_name)(x)  # (B, T, d_hidden)
         return self.output_layer(h)  # (B, T, d_vocab)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:  # type: ignore[override]
+        # workingmem's revisions without its nn.TransformerEncoder port build
+        # this model as nn.Sequential(embed, rnn | lstm, unembed): the same
+        # functions under other keys, renamed here as their run directories
+        # are (wmfast.workingmem_revisions)
+        ours = {
+            k[len(prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)
+        }
+        renamed = from_the_sequential_layout(ours, self.core_name.removesuffix("_core"))
+        state_dict.update((prefix + k, v) for k, v in renamed.items())
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class RNNModel(_RecurrentModel):
