@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from wmfast import functional as WF
 from wmfast.ops import rotary_eager
 
-from ..helpers import DEVICES, FP32_GRADS, FP32_LOGITS
+from ..helpers import DEVICES, FP32_GRADS, FP32_LOGITS, count_applies
 
 
 def reference_qkv(x, weight, bias, heads, cos, sin):
@@ -107,6 +107,28 @@ def test_rotated_qkv_table_gradients_take_the_reference():
         grads.append(torch.autograd.grad((q * k).sum(), (c, s)))
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, **FP32_GRADS)
+
+
+def test_rotated_qkv_gradients_of_gradients_match_reference(monkeypatch):
+    """A backward with create_graph rotates the gradient with recorded ops, so
+    a gradient penalty's gradients are the reference's."""
+    (x, weight, bias), cos, sin, gen = draw_inputs(19, 2, 6, 2, 16, "cpu")
+    w_scores, w_v = torch.randn(2, 2, 6, 6, generator=gen), torch.randn(2, 6, 2, 16, generator=gen)
+    rotations = count_applies(monkeypatch, rotary_eager._RotateInterleavedQK)
+
+    def penalty_grads(fn):
+        q, k, v = fn(x, weight, bias, 2, cos, sin)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k)  # blind to q's and k's shared order
+        loss = (scores * w_scores).sum() + (v * w_v).sum()
+        grads = torch.autograd.grad(loss, (x, weight, bias), create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), (x, weight, bias))
+
+    got = penalty_grads(rotary_eager.rotated_qkv)
+    assert rotations == [1]
+    want = penalty_grads(reference_qkv)
+    for g, w in zip(got, want, strict=True):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w, **FP32_GRADS)
 
 
 def test_rotated_qkv_bf16_equals_reference_bitwise():

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from wmfast import backends
+from wmfast.ops._create_graph import grads_with_graph
 
 Tensor = torch.Tensor
 
@@ -37,12 +38,16 @@ class _ReluMLP(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, d_model)
         hidden = torch.addmm(b1, x2, w1.t()).relu_()  # (tokens, d_mlp)
         out = torch.addmm(b2, hidden, w2.t())  # (tokens, d_model)
-        ctx.save_for_backward(x2, hidden, w1, w2)
+        # x and the biases only for a backward with create_graph
+        ctx.save_for_backward(x2, hidden, x, w1, b1, w2, b2)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x2, hidden, w1, w2 = ctx.saved_tensors
+        x2, hidden, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: wmfast.ops._create_graph
+            return tuple(grads_with_graph(_composition, inputs, ctx.needs_input_grad, grad_out))
+        _, w1, _, w2, _ = inputs
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         g = grad_out.reshape(-1, grad_out.shape[-1])
         d_w2 = g.t().mm(hidden) if need_w2 else None
@@ -75,5 +80,9 @@ def relu_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tenso
         and len({t.device for t in tensors}) == 1
     )
     if not fused:
-        return F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
+        return _composition(x, w1, b1, w2, b2)
     return _ReluMLP.apply(x, w1, b1, w2, b2)
+
+
+def _composition(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    return F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from wmfast import backends
+from wmfast.ops._create_graph import grads_with_graph
 from wmfast.ops.tail_eager import rows_to_compute
 
 Tensor = torch.Tensor
@@ -55,8 +56,8 @@ class _OutputLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again
-            return _differentiable_backward(ctx, grad, x, weight, bias)
+        if torch.is_grad_enabled():  # create_graph=True: wmfast.ops._create_graph
+            return tuple(grads_with_graph(F.linear, (x, weight, bias), ctx.needs_input_grad, grad))
         need_x, need_weight, need_bias = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])  # (N, vocab)
         x2 = x.reshape(-1, x.shape[-1])  # (N, d)
@@ -72,15 +73,6 @@ class _OutputLayer(torch.autograd.Function):
                 d_x = d_x.new_zeros(grad.shape[:-1].numel(), d_x.shape[1]).index_copy_(0, rows, d_x)
             d_x = d_x.view(x.shape)
         return d_x, d_weight, d_bias
-
-
-def _differentiable_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor):
-    """The composition's gradients with create_graph, so that autograd can
-    differentiate them again (a gradient penalty), as on the reference."""
-    needs = ctx.needs_input_grad
-    wanted = [t for t, need in zip((x, weight, bias), needs, strict=True) if need]
-    found = iter(torch.autograd.grad(F.linear(x, weight, bias), wanted, grad, create_graph=True))
-    return tuple(next(found) if need else None for need in needs)
 
 
 def output_layer(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from wmfast.ops._create_graph import grads_with_graph
+
 Tensor = torch.Tensor
 
 _RNN_OPS = {"relu": torch.rnn_relu, "tanh": torch.rnn_tanh}
@@ -125,13 +127,14 @@ def _differentiable_backward(ctx, grad: Tensor):
     x, *saved = ctx.saved_tensors
     weights = saved[len(saved) // 5 :]
     needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])  # x, then the weights
-    wanted = [t for t, need in zip((x, *weights), needs, strict=True) if need]
     n_layers = len(weights) // 4
     h0 = x.new_zeros(n_layers, x.shape[0], weights[1].shape[0])
     rnn_op = _RNN_OPS[ctx.nonlinearity]
-    output, _ = rnn_op(x, h0, weights, True, n_layers, 0.0, False, False, True)
-    found = iter(torch.autograd.grad(output, wanted, grad, create_graph=True))
-    grads = [next(found) if need else None for need in needs]
+
+    def rnn(x, *weights):
+        return rnn_op(x, h0, weights, True, n_layers, 0.0, False, False, True)[0]
+
+    grads = grads_with_graph(rnn, (x, *weights), needs, grad)
     return grads[0], None, *grads[1:]
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from wmfast import backends
 from wmfast import functional as WF
@@ -84,9 +83,12 @@ class _RotateInterleavedQK(torch.autograd.Function):
         return qkv
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):
         (rot,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the same rotation, recorded
+            grad_qkv = grad.clone(memory_format=torch.contiguous_format)
+            _qk_pairs(grad_qkv, *ctx.shape).mul_(rot.conj())
+            return grad_qkv, None, None
         grad = grad.contiguous()
         grad_qkv = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
         torch.mul(_qk_pairs(grad, *ctx.shape), rot.conj(), out=_qk_pairs(grad_qkv, *ctx.shape))

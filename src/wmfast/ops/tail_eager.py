@@ -21,6 +21,10 @@ gradients, which drop terms that are exactly zero: within rounding of the
 composition (the spec's tolerances), not bit for bit. With most rows nonzero
 (a loss on all positions) it runs on all rows, as autograd does.
 
+A backward with create_graph (a gradient penalty) recomputes the plain
+composition from the saved inputs and differentiates that instead
+(wmfast.ops._create_graph), so gradients of gradients are the reference's.
+
 In training with dropout, the attention (whose dropout SDPA's kernel draws)
 runs before the tail under autograd, with a backward for every query; the
 tail draws the rest of the layer's masks as the reference does and applies
@@ -40,9 +44,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from wmfast import backends
+from wmfast.ops._create_graph import grads_with_graph
 
 Tensor = torch.Tensor
 
@@ -187,6 +191,33 @@ def _rest_forward(a, x, weights, eps, gelu, masks):
     return logits, kept
 
 
+def _rest_composition(a, x, weights, eps, gelu, masks):
+    """_rest_forward's logits in plain differentiable ops, for a backward
+    with create_graph; a and x (N, d)."""
+    wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu = weights
+    m1, m_ffn, m2 = masks
+    width = (x.shape[-1],)
+    sa = F.linear(a, wo, bo)
+    h = F.layer_norm(x + (sa if m1 is None else sa * m1), width, n1w, n1b, eps)
+    u = F.linear(h, w1, b1)
+    g = F.gelu(u) if gelu else F.relu(u)
+    f = F.linear(g if m_ffn is None else g * m_ffn, w2, b2)
+    y = F.layer_norm(h + (f if m2 is None else f * m2), width, n2w, n2b, eps)
+    return F.linear(y, wu, bu)
+
+
+def _tail_composition(q, k, v, x, weights, eps, gelu):
+    """_Tail's logits (B, T, vocab) in plain differentiable ops, SDPA's causal
+    attention included (whose CPU flash kernel has no double backward, on the
+    reference as here: the caller picks SDPA's math backend for one)."""
+    batch, seq_len, d_model = x.shape
+    heads = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    out = F.scaled_dot_product_attention(*heads, is_causal=True)
+    a = out.transpose(1, 2).reshape(-1, d_model)
+    logits = _rest_composition(a, x.reshape(-1, d_model), weights, eps, gelu, _NO_MASKS)
+    return logits.view(batch, seq_len, -1)
+
+
 def _rest_backward(dl, kept, gelu):
     """(rows, d_a, d_x, the weights' gradients in _rest_forward's order) from
     the logits' gradient ``dl`` (N, vocab): on the rows the loss reads
@@ -250,19 +281,29 @@ class _Tail(torch.autograd.Function):
     def forward(ctx, q, k, v, x, wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu, eps, gelu):
         # the weights in LayerWeights' order, in_proj's left out
         batch, seq_len, d_model = x.shape
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) views
-        out, lse = _attention(q, k, v, 0.0, True)  # causal, SDPA's default scale
+        heads = [t.transpose(1, 2) for t in (q, k, v)]  # (B, H, T, D) views
+        out, lse = _attention(*heads, 0.0, True)  # causal, SDPA's default scale
         a = out.transpose(1, 2).reshape(-1, d_model)  # (N, d): heads merged
         weights = (wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu)
         logits, kept = _rest_forward(a, x.reshape(-1, d_model), weights, eps, gelu, _NO_MASKS)
-        ctx.save_for_backward(q, k, v, out, lse, *kept)
-        ctx.gelu = gelu
+        # the inputs themselves too, for a backward with create_graph (views
+        # made here, without grad, carry no graph)
+        inputs = (q, k, v, x, *weights)
+        ctx.save_for_backward(*heads, out, lse, *kept, *inputs)
+        ctx.eps, ctx.gelu, ctx.n_inputs = eps, gelu, len(inputs)
         return logits.view(batch, seq_len, -1)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_logits):
-        q, k, v, out, lse, *kept = ctx.saved_tensors
+        q, k, v, out, lse, *kept = ctx.saved_tensors[: -ctx.n_inputs]
+        if torch.is_grad_enabled():  # create_graph=True: wmfast.ops._create_graph
+            inputs = ctx.saved_tensors[-ctx.n_inputs :]
+
+            def composition(q, k, v, x, *weights):
+                return _tail_composition(q, k, v, x, weights, ctx.eps, ctx.gelu)
+
+            needs = ctx.needs_input_grad[: ctx.n_inputs]
+            return *grads_with_graph(composition, inputs, needs, grad_logits), None, None
         batch, heads, seq_len, head_dim = q.shape
         dl = grad_logits.reshape(-1, grad_logits.shape[-1])  # (N, vocab)
         n_rows = dl.shape[0]
@@ -290,16 +331,28 @@ class _TailAfterDroppedAttention(torch.autograd.Function):
         weights = (wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu)
         flat = (a.reshape(-1, d_model), x.reshape(-1, d_model))
         logits, kept = _rest_forward(*flat, weights, eps, gelu, masks)
-        ctx.save_for_backward(*kept)
-        ctx.gelu = gelu
+        inputs = (a, x, *weights)  # for a backward with create_graph
+        ctx.save_for_backward(*kept, *inputs, *masks)
+        ctx.eps, ctx.gelu, ctx.n_inputs = eps, gelu, len(inputs)
         return logits.view(batch, seq_len, -1)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_logits):
         batch, seq_len, _ = grad_logits.shape
+        kept, masks = ctx.saved_tensors[: -ctx.n_inputs - 3], ctx.saved_tensors[-3:]
+        if torch.is_grad_enabled():  # create_graph=True: wmfast.ops._create_graph
+            inputs = ctx.saved_tensors[-ctx.n_inputs - 3 : -3]
+
+            def composition(a, x, *weights):
+                flat = (a.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]))
+                logits = _rest_composition(*flat, weights, ctx.eps, ctx.gelu, masks)
+                return logits.view(grad_logits.shape)
+
+            needs = ctx.needs_input_grad[: ctx.n_inputs]
+            grads = grads_with_graph(composition, inputs, needs, grad_logits)
+            return *grads, None, None, None, None, None
         dl = grad_logits.reshape(batch * seq_len, -1)  # (N, vocab)
-        rows, d_a, d_x, weight_grads = _rest_backward(dl, ctx.saved_tensors, ctx.gelu)
+        rows, d_a, d_x, weight_grads = _rest_backward(dl, kept, ctx.gelu)
         if rows is not None:  # the other rows' gradients are zero
             d_a, d_x = (_scatter_rows(t, rows, batch * seq_len) for t in (d_a, d_x))
         return (d_a.view(batch, seq_len, -1), d_x.view(batch, seq_len, -1), *weight_grads,
