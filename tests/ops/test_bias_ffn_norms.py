@@ -195,6 +195,14 @@ def test_a_no_grad_call_launches_alone_and_computes_the_same(B, monkeypatch):
     assert torch.equal(out, with_grad.detach())
 
 
+def test_a_backward_with_create_graph_is_a_clear_error(B):
+    """No double backward (see test_layer_norm's): a clear error."""
+    inputs, g = _inputs(7, (2, 5, 16), kernel_device())
+    out, _ = B.bias_ffn_norms(*inputs, EPS)
+    with pytest.raises(RuntimeError, match=r"no double backward.*norm='torch'"):
+        torch.autograd.grad(out, inputs, g, create_graph=True)
+
+
 @pytest.mark.triton_loops
 def test_registered_ops_compute_what_the_eager_function_computes(B):
     device = kernel_device()

@@ -175,6 +175,16 @@ def test_a_no_grad_call_launches_alone_and_computes_the_same(L, monkeypatch):
     assert torch.equal(out, with_grad.detach())
 
 
+def test_a_backward_with_create_graph_is_a_clear_error(L):
+    """The backward kernel writes gradients from the saved sum, not from the
+    inputs, so there is no double backward: an error naming the way to one,
+    rather than gradients that autograd would take as constants."""
+    x, y, weight, bias, g = _inputs(7, (2, 5, 16), kernel_device())
+    out, _ = L.dropout_add_layer_norm(x, y, weight, bias, EPS)
+    with pytest.raises(RuntimeError, match=r"no double backward.*norm='torch'"):
+        torch.autograd.grad(out, (x, y, weight, bias), g, create_graph=True)
+
+
 @pytest.mark.triton_loops
 def test_registered_ops_compute_what_the_eager_function_computes(L):
     # as in tests/ops/test_rotary.py: under a tensor mode the registered ops run

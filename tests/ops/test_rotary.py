@@ -287,6 +287,32 @@ def test_rotary_qkv_packed_matches_unbind_then_rotary_qk(
         torch.testing.assert_close(g, w, **FP32_GRADS)
 
 
+def test_rotary_qkv_packed_gradients_of_gradients(R):
+    """A backward with create_graph records its rotation (the packed kernel
+    records nothing), so a gradient penalty's gradients, tables' included,
+    are those of the split-then-rotate reference."""
+    gen = torch.Generator().manual_seed(8)
+    device = kernel_device()
+    x = torch.randn(2, 5, 3 * 2 * 8, generator=gen).to(device).requires_grad_()
+    cos, sin = WF.rotary_qk_tables(2, 5, WF.rotary_inv_freq(8).to(device))
+    cos, sin = cos.clone().requires_grad_(), sin.clone().requires_grad_()
+    w = torch.randn(2, 5, 2, 8, generator=gen).to(device)
+
+    def penalty_grads(split):
+        q, k, v = split((x * 1.5).view(2, 5, 3, 2, 8))
+        loss = (q * k.flip(1) * w).sum() + (v * q).sum()
+        grads = torch.autograd.grad(loss, (x, cos, sin), create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), (x, cos, sin))
+
+    got = penalty_grads(lambda qkv: R.rotary_qkv_packed(qkv, cos, sin))
+    want = penalty_grads(
+        lambda qkv: (*WF.rotary_qk(qkv[:, :, 0], qkv[:, :, 1], cos, sin), qkv[:, :, 2])
+    )
+    for g, w_ in zip(got, want, strict=True):
+        assert w_.abs().max() > 0
+        torch.testing.assert_close(g, w_, **FP32_GRADS)
+
+
 def test_rotary_qkv_packed_registered_op_and_compile(R):
     """Under a tensor mode the packed gradient's registered op runs (the same
     numbers as the eager launch), and a function using it compiles with no

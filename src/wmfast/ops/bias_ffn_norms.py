@@ -37,6 +37,7 @@ from wmfast.kernels.bias_ffn_norms import (
     bias_ffn_norms_fwd_launch,
     check_bias_ffn_norms,
 )
+from wmfast.ops._create_graph import refuse_create_graph
 from wmfast.ops._eager import launch_eagerly, records_grad
 from wmfast.ops.layer_norm import _empty, dropout_add_layer_norm, norm_output_dtype
 
@@ -192,6 +193,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, d_out, d_low, _d_s, _d_keep1, _d_keep2):
+    refuse_create_graph("wmfast.ops.bias_ffn_norms")
     s, keep1, keep2, w1, b1, c, w2 = ctx.saved_tensors
     args = (d_out, d_low, s, keep1, keep2, w1, b1, c, w2, *ctx.args)
     tensors = [t for t in args[:9] if t is not None]

@@ -25,6 +25,7 @@ from wmfast.kernels.layer_norm import (
     dropout_add_layer_norm_bwd_launch,
     dropout_add_layer_norm_fwd_launch,
 )
+from wmfast.ops._create_graph import refuse_create_graph
 from wmfast.ops._eager import launch_eagerly, records_grad
 
 Tensor = torch.Tensor
@@ -167,6 +168,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, d_out, d_low, _d_s, _d_keep):
+    refuse_create_graph("wmfast.ops.dropout_add_layer_norm")
     s, keep, weight = ctx.saved_tensors
     p, eps, x_dtype, y_dtype, w_dtype, b_dtype = ctx.args
     args = (d_out, d_low, s, keep, weight, p, eps, x_dtype, y_dtype)

@@ -209,14 +209,22 @@ class _RotaryQKVPacked(torch.autograd.Function):
             check_rotary_qk(q, k, cos, sin)
             q_rot, k_rot = _rotary_qk_op(q)(q, k, cos, sin, False)
         ctx.table_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        # q and k only for table gradients, as rotary_qk (_rotary_qk_setup)
-        ctx.save_for_backward(cos, sin, *((q, k) if ctx.table_grads else ()))
+        # q and k only for table gradients, as rotary_qk (_rotary_qk_setup);
+        # as qkv itself, whose views here (made without grad) carry no graph
+        # for a backward with create_graph
+        ctx.save_for_backward(cos, sin, *((qkv,) if ctx.table_grads else ()))
         return q_rot, k_rot, v
 
     @staticmethod
     def backward(ctx, d_q, d_k, d_v):
-        cos, sin, *qk = ctx.saved_tensors
-        d_qkv = _rotary_qk_packed_grad(d_q, d_k, d_v, cos, sin)
+        cos, sin, *qkv = ctx.saved_tensors
+        qk = qkv[0].unbind(2)[:2] if qkv else ()
+        if torch.is_grad_enabled():
+            # create_graph=True: the packed kernel records nothing, so rotate
+            # through rotary_qk, which records, and stack as autograd would
+            d_qkv = torch.stack((*rotary_qk(d_q, d_k, cos, sin, conj=True), d_v), dim=2)
+        else:
+            d_qkv = _rotary_qk_packed_grad(d_q, d_k, d_v, cos, sin)
         d_cos = d_sin = None
         if ctx.table_grads:
             d_cos, d_sin = _qk_table_grads((d_q, d_k), qk, cos, sin, False)
