@@ -793,6 +793,43 @@ def test_vmap_runs_the_plain_math_where_the_rules_would_compile():
     torch.testing.assert_close(outs[1], outs[0], **FP32_LOGITS)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [small_config(positional_embedding_type=pe) for pe in POSITIONAL_TYPES]
+    + [small_config(model_class="rnn", act_fn="tanh")],
+    ids=[*map(str, POSITIONAL_TYPES), "rnn"],
+)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_forward_mode_ad_equals_the_reference(config, train):
+    # dual tensors (torch.autograd.forward_ad): wmfast's autograd Functions
+    # define no jvp, so the fast model runs the plain math, uncompiled (the CPU
+    # training path's Functions would run here). Where the reference itself
+    # has no forward AD, neither is compared: SDPA's fused CPU kernel (so the
+    # math backend here), the encoder's fused path (no_grad or no parameter
+    # requiring grad, in eval), oneDNN's LSTM.
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    reference, fast = reference_and_fast(config)
+    ids = random_ids(23, 50, 2, 9)
+    gen = torch.Generator().manual_seed(24)
+    tangents = {n: torch.randn(p.shape, generator=gen) for n, p in reference.named_parameters()}
+    jvps = []
+    for model in (reference, fast):
+        model.train(train)
+        with fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):
+            # primals that require grad: the encoder's fused path stays off in eval
+            params = {
+                n: fwAD.make_dual(p.detach().requires_grad_(), tangents[n])
+                for n, p in model.named_parameters()
+            }
+            logits = torch.func.functional_call(model, params, (ids,))
+            jvps.append(fwAD.unpack_dual(logits).tangent)
+    assert fast._fast.last_plan.compiled is False
+    assert jvps[0].abs().max() > 0
+    torch.testing.assert_close(jvps[1], jvps[0], **FP32_GRADS)
+
+
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)
 def test_trains_after_a_first_call_under_inference_mode(pe):
     # nothing made during an inference_mode call may be kept and later saved

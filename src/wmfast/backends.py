@@ -60,9 +60,10 @@ wmfast.ops' eager Functions (rotary_eager, mlp_eager, tail_eager) from the
 sizes their modules fix (the MIN_* constants, measured once and written
 down there), when ``eager_functions_allowed`` below says they may run.
 
-Under a torch.func transform (grad, vmap, jacrev, ...) the fast forward runs
-the plain math, uncompiled, whatever the rules say: wmfast's autograd
-Functions and custom ops define no functorch rules.
+Under a torch.func transform (grad, vmap, jacrev, ...) or forward-mode AD
+the fast forward runs the plain math, uncompiled, whatever the rules say:
+wmfast's autograd Functions and custom ops define no functorch rules and no
+jvps.
 """
 
 from __future__ import annotations
@@ -214,21 +215,28 @@ def resolve_compile(choice: str, device: torch.device, grad_enabled: bool) -> bo
     return choice == "always"
 
 
-def functorch_transforms_active() -> bool:
-    """Whether a torch.func transform is running (the question
-    torch.autograd.Function.apply asks before it refuses a Function without
-    functorch support)."""
-    return torch._C._are_functorch_transforms_active()
+def plain_math_required() -> bool:
+    """Whether a torch.func transform (per-sample gradients, Jacobians) or
+    forward-mode AD (``torch.autograd.forward_ad``'s dual tensors) is
+    running. wmfast's autograd Functions define neither functorch rules nor
+    jvps, so either would make them refuse; the plain math runs instead.
+    (The first is the question torch.autograd.Function.apply asks; forward
+    AD's level is a module global of torch.autograd.forward_ad, -1 outside
+    ``dual_level()``.)"""
+    return (
+        torch._C._are_functorch_transforms_active()
+        or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+    )
 
 
 def eager_functions_allowed(device_type: str) -> bool:
     """Whether wmfast's eager autograd Functions (wmfast.ops.*_eager) may run
     instead of the plain math they replace: not while torch.compile traces
     (Inductor fuses the plain math itself), not under a torch.func transform
-    (they define no functorch rules), not under autocast (dtypes would change
-    between their forward and backward)."""
+    or forward-mode AD (plain_math_required), not under autocast (dtypes
+    would change between their forward and backward)."""
     return not (
         torch.compiler.is_compiling()
-        or functorch_transforms_active()
+        or plain_math_required()
         or torch.is_autocast_enabled(device_type)
     )

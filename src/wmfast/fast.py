@@ -280,8 +280,9 @@ class FastRunner:
         device = device or weight.device
         grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
         rotates = model.positional_embedding_type in ("rotary", "rotary_qk")
-        if backends.functorch_transforms_active():
-            # torch.func (per-sample gradients, Jacobians): the plain math only
+        if backends.plain_math_required():
+            # torch.func (per-sample gradients, Jacobians), forward-mode AD:
+            # the plain math only, uncompiled
             return Plan(compiled=False, rotary="torch" if rotates else "none", attention="sdpa")
         compiled = backends.resolve_compile(self.options.compile, device, grad)
         # the weights' dtype, not autocast's: the embedding rotation and the
@@ -380,7 +381,7 @@ class FastRunner:
         """A transformer call's plan and transformer_forward's function
         arguments, kept per call context: every input of the rules that can
         change between one model's calls (device, grad mode, autocast,
-        torch.func transforms, the weights' dtype; and the positional type,
+        torch.func transforms and forward AD, the weights' dtype; and the positional type,
         fixed in practice). Worked out anew on each
         call they took ~30 us of a tiny model's ~400 us compiled forward on 2
         CPU cores, as much as torch.compile(reference)'s whole wrapper.
@@ -391,7 +392,7 @@ class FastRunner:
             device,
             torch.is_grad_enabled(),
             autocast,
-            backends.functorch_transforms_active(),
+            backends.plain_math_required(),
             _embedding_weight(model).dtype,
             model.positional_embedding_type,
         )
