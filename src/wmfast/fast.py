@@ -381,10 +381,10 @@ class FastRunner:
         """A transformer call's plan and transformer_forward's function
         arguments, kept per call context: every input of the rules that can
         change between one model's calls (device, grad mode, autocast,
-        torch.func transforms and forward AD, the weights' dtype; and the positional type,
-        fixed in practice). Worked out anew on each
-        call they took ~30 us of a tiny model's ~400 us compiled forward on 2
-        CPU cores, as much as torch.compile(reference)'s whole wrapper.
+        torch.func transforms and forward AD, the weights' dtype; and the
+        positional type, fixed in practice). Worked out anew on each call
+        they took ~30 us of a tiny model's ~400 us compiled forward on 2 CPU
+        cores, as much as torch.compile(reference)'s whole wrapper.
         ``memo=False`` under a user's own torch.compile, which traces this."""
         device = input_ids.device
         autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)

@@ -295,9 +295,9 @@ class _Tail(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logits):
-        q, k, v, out, lse, *kept = ctx.saved_tensors[: -ctx.n_inputs]
+        saved = ctx.saved_tensors  # the (B, H, T, D) heads, out, lse, kept, then the inputs
+        (q, k, v, out, lse, *kept), inputs = saved[: -ctx.n_inputs], saved[-ctx.n_inputs :]
         if torch.is_grad_enabled():  # create_graph=True: wmfast.ops._create_graph
-            inputs = ctx.saved_tensors[-ctx.n_inputs :]
 
             def composition(q, k, v, x, *weights):
                 return _tail_composition(q, k, v, x, weights, ctx.eps, ctx.gelu)
@@ -339,9 +339,9 @@ class _TailAfterDroppedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits):
         batch, seq_len, _ = grad_logits.shape
-        kept, masks = ctx.saved_tensors[: -ctx.n_inputs - 3], ctx.saved_tensors[-3:]
+        saved = ctx.saved_tensors  # kept, then the inputs, then the masks
+        kept, inputs, masks = saved[: -ctx.n_inputs - 3], saved[-ctx.n_inputs - 3 : -3], saved[-3:]
         if torch.is_grad_enabled():  # create_graph=True: wmfast.ops._create_graph
-            inputs = ctx.saved_tensors[-ctx.n_inputs - 3 : -3]
 
             def composition(a, x, *weights):
                 flat = (a.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]))
