@@ -286,17 +286,17 @@ class _Tail(torch.autograd.Function):
         a = out.transpose(1, 2).reshape(-1, d_model)  # (N, d): heads merged
         weights = (wo, bo, w1, b1, w2, b2, n1w, n1b, n2w, n2b, wu, bu)
         logits, kept = _rest_forward(a, x.reshape(-1, d_model), weights, eps, gelu, _NO_MASKS)
-        # the inputs themselves too, for a backward with create_graph (views
-        # made here, without grad, carry no graph)
+        # the inputs themselves, not the views made here without grad: a
+        # backward with create_graph needs their graph
         inputs = (q, k, v, x, *weights)
-        ctx.save_for_backward(*heads, out, lse, *kept, *inputs)
+        ctx.save_for_backward(out, lse, *kept, *inputs)
         ctx.eps, ctx.gelu, ctx.n_inputs = eps, gelu, len(inputs)
         return logits.view(batch, seq_len, -1)
 
     @staticmethod
     def backward(ctx, grad_logits):
-        saved = ctx.saved_tensors  # the (B, H, T, D) heads, out, lse, kept, then the inputs
-        (q, k, v, out, lse, *kept), inputs = saved[: -ctx.n_inputs], saved[-ctx.n_inputs :]
+        saved = ctx.saved_tensors  # out, lse, kept, then the inputs
+        (out, lse, *kept), inputs = saved[: -ctx.n_inputs], saved[-ctx.n_inputs :]
         if torch.is_grad_enabled():  # create_graph=True: wmfast.ops._create_graph
 
             def composition(q, k, v, x, *weights):
@@ -304,6 +304,7 @@ class _Tail(torch.autograd.Function):
 
             needs = ctx.needs_input_grad[: ctx.n_inputs]
             return *grads_with_graph(composition, inputs, needs, grad_logits), None, None
+        q, k, v = (t.transpose(1, 2) for t in inputs[:3])  # (B, H, T, D), as attended
         batch, heads, seq_len, head_dim = q.shape
         dl = grad_logits.reshape(-1, grad_logits.shape[-1])  # (N, vocab)
         n_rows = dl.shape[0]
@@ -332,15 +333,16 @@ class _TailAfterDroppedAttention(torch.autograd.Function):
         flat = (a.reshape(-1, d_model), x.reshape(-1, d_model))
         logits, kept = _rest_forward(*flat, weights, eps, gelu, masks)
         inputs = (a, x, *weights)  # for a backward with create_graph
-        ctx.save_for_backward(*kept, *inputs, *masks)
+        ctx.save_for_backward(*kept, *inputs)
         ctx.eps, ctx.gelu, ctx.n_inputs = eps, gelu, len(inputs)
         return logits.view(batch, seq_len, -1)
 
     @staticmethod
     def backward(ctx, grad_logits):
         batch, seq_len, _ = grad_logits.shape
-        saved = ctx.saved_tensors  # kept, then the inputs, then the masks
-        kept, inputs, masks = saved[: -ctx.n_inputs - 3], saved[-ctx.n_inputs - 3 : -3], saved[-3:]
+        saved = ctx.saved_tensors  # kept (its last three: the masks), then the inputs
+        kept, inputs = saved[: -ctx.n_inputs], saved[-ctx.n_inputs :]
+        masks = kept[-3:]
         if torch.is_grad_enabled():  # create_graph=True: wmfast.ops._create_graph
 
             def composition(a, x, *weights):
