@@ -44,6 +44,7 @@ from .helpers import (
     kernel_device,
     random_ids,
     reference_and_fast,
+    reference_model,
     small_config,
 )
 
@@ -736,6 +737,20 @@ def test_fast_after_cast_to_bf16_keeps_fp32_angles(pe):
     out = fast(ids)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference(ids).float(), **AUTOCAST_LOGITS)
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+def test_built_on_the_meta_device_then_loaded_equals_the_reference(pe):
+    # the large-model idiom: build without memory, to_empty, load a checkpoint
+    config = small_config(positional_embedding_type=pe)
+    reference = reference_model(config)
+    with torch.device("meta"):
+        fast = build_model(config).to(torch.bfloat16).float()
+    fast.to_empty(device="cpu").load_state_dict(reference.state_dict())
+    if pe in ("rotary", "rotary_qk"):
+        assert fast.pos_encoder.inv_freq.dtype == torch.float32
+    ids = random_ids(6, 50, 2, 7)
+    torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
 
 
 @pytest.mark.parametrize("pe", POSITIONAL_TYPES)

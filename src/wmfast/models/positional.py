@@ -60,7 +60,12 @@ class _FP32InvFreq(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         inv_freq = self.inv_freq
         super()._apply(fn, recurse)
-        self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
+        if inv_freq.is_meta:
+            # built on the meta device: there are no values to keep (after
+            # to_empty, load_state_dict fills them), only the dtype
+            self.inv_freq = self.inv_freq.to(torch.float32)
+        else:
+            self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
         return self
 
 
