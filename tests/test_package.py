@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,26 @@ def test_import_is_light_and_never_touches_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "wmfast.kernels"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_checkouts_kernels_folder_does_not_shadow_an_installed_kernels(tmp_path):
+    # run from the checkout's root (as pytest and scripts there are), a
+    # top-level `import kernels` must reach the installed distribution of that
+    # name (Hugging Face's, which transformers imports), not this folder
+    installed = tmp_path / "site" / "kernels"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("from kernels.layer import WHICH\n")
+    (installed / "layer.py").write_text("WHICH = 'installed'\n")
+    code = "import kernels, wmfast.kernels\nprint(kernels.WHICH, wmfast.kernels.__name__)\n"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["installed", "wmfast.kernels"]
 
 
 def test_public_names():
