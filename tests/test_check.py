@@ -325,12 +325,23 @@ def test_a_relu_flipped_far_from_zero_is_a_mismatch():
 
 
 @pytest.mark.nnsight
-def test_a_wrong_rotary_module_on_the_traced_path_is_caught_by_the_path_walk():
+def test_a_wrong_rotary_module_on_the_traced_path_is_caught_by_the_path_walk(monkeypatch):
     from wmfast import functional as WF
+    from wmfast.models.attention import QKRotary
+
+    # a bug in the module class, for the candidate's modules only: its own
+    # (untraced) path calls no module, so only the path walk can see it
+    broken, correct = set(), QKRotary.forward
+
+    def forward(self, q, k, cos, sin):
+        if self in broken:
+            return WF.rotary_qk(q, k, sin, cos)
+        return correct(self, q, k, cos, sin)
+
+    monkeypatch.setattr(QKRotary, "forward", forward)
 
     def swap(model):
-        for layer in model.transformer_encoder.layers:
-            layer.self_attn.rotary.forward = lambda q, k, cos, sin: WF.rotary_qk(q, k, sin, cos)
+        broken.update(layer.self_attn.rotary for layer in model.transformer_encoder.layers)
 
     reference, candidate = _broken_pair(small_config(positional_embedding_type="rotary_qk"), swap)
     report = _compare(reference, candidate, paths=True)

@@ -1029,6 +1029,58 @@ def test_a_changed_module_tree_runs_the_module_path_with_a_warning(caplog, edit)
         torch.testing.assert_close(got, want, **FP32_GRADS)
 
 
+def _halved(forward):
+    """A replacement forward, as a one-line monkeypatched ablation writes it."""
+
+    def halved(*args, **kwargs):
+        return torch.utils._pytree.tree_map(lambda t: t * 0.5, forward(*args, **kwargs))
+
+    return halved
+
+
+@pytest.mark.parametrize(
+    "model_class, path",
+    [
+        ("transformer", "transformer_encoder.layers.1.linear1"),
+        ("transformer", "transformer_encoder.layers.0.self_attn.rotary"),
+        ("rnn", "rnn_core.rnn"),
+        ("rnn", "output_layer"),
+    ],
+)
+def test_a_forward_replaced_on_an_instance_runs_the_module_path(
+    caplog, monkeypatch, model_class, path
+):
+    """The fast path calls no submodule, so it would skip a forward set on a
+    submodule's instance; the model runs its module path instead, says so
+    once, and computes what the reference computes, values and gradients."""
+    monkeypatch.setattr(output_layer_eager, "MIN_PRODUCTS", 1)  # its row backward at this size
+    fields = dict(positional_embedding_type="rotary_qk") if model_class == "transformer" else {}
+    config = small_config(model_class=model_class, **fields)
+    reference, fast = reference_and_fast(config)
+    ids = random_ids(8, config.d_vocab, 2, 6)
+    unpatched = reference(ids).detach()
+    for model in (reference, fast):
+        module = model.get_submodule(path)
+        module.forward = _halved(module.forward)
+    outputs, grads = [], []
+    with caplog.at_level(logging.WARNING, logger="wmfast"):
+        for model in (reference, fast):
+            out = model(ids)
+            outputs.append(out)
+            grads.append(torch.autograd.grad(out.pow(2).sum(), list(model.parameters())))
+        fast(ids)  # said once
+    reason = f"{path}.forward is set on the instance"
+    assert caplog.text.count(reason) == 1 and describe(fast)["module_path_reason"] == reason
+    assert (outputs[0] - unpatched).abs().max() > 1e-3  # the replacement matters
+    torch.testing.assert_close(outputs[1], outputs[0], **FP32_LOGITS)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, **FP32_GRADS)
+    del fast.get_submodule(path).forward
+    assert describe(fast)["module_path_reason"] is None
+    torch.testing.assert_close(fast(ids), unpatched, **FP32_LOGITS)
+    assert fast._fast.last_plan.attention != "none (module path)"
+
+
 def test_an_unchanged_tree_keeps_the_fast_path_through_copies_and_casts():
     for positional in ("standard", "rotary", "rotary_qk", None):
         _, fast = reference_and_fast(small_config(positional_embedding_type=positional))
@@ -1050,7 +1102,7 @@ def test_recurrent_fast_models_with_hooks_run_their_modules(model_class, core, m
     handle = getattr(fast, core).register_forward_hook(lambda m, a, out: seen.append(out.shape))
     ids = random_ids(2, config.d_vocab, 2, 5)
     assert torch.equal(fast(ids), reference(ids))
-    assert seen == [(2, 5, config.d_hidden)] and fast._fast.last_plan is None
+    assert seen == [(2, 5, config.d_hidden)] and fast._fast.last_plan.recurrence == "module"
     handle.remove()
     fast(ids)
     assert fast._fast.last_plan.output_layer == "answer rows"  # the runner ran
@@ -1067,7 +1119,7 @@ def test_recurrent_calls_that_run_the_modules_skip_the_plan(model_class, monkeyp
         raise AssertionError("asked the plan or the hook walk")
 
     monkeypatch.setattr(wf.FastRunner, "plan", refuse)
-    monkeypatch.setattr(wf, "hooks_registered", refuse)
+    monkeypatch.setattr(wf, "why_submodules_must_run", refuse)
     config = small_config(model_class=model_class, act_fn="tanh")
     reference, fast = reference_and_fast(config)
     ids = random_ids(4, config.d_vocab, 2, 5)

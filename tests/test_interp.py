@@ -9,6 +9,8 @@ file, so the traces are written out here, not built dynamically.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from hypothesis import given
@@ -18,7 +20,7 @@ from torch._dynamo.utils import counters
 from wmfast import build_model
 from wmfast.check import envoy_at, reached_paths, trace_ablation
 from wmfast.fast import make_fast
-from wmfast.interp import hooks_registered, trace_active
+from wmfast.interp import HOOKS, trace_active, why_submodules_must_run
 
 from .helpers import FP32_GRADS, FP32_LOGITS, POSITIONAL_TYPES, random_ids, small_config
 
@@ -240,23 +242,41 @@ def test_trace_active_tracks_nnsight(NNsight):
     assert not trace_active(build_model(small_config()))  # a model nnsight never saw
 
 
-def test_hooks_registered_finds_hooks_anywhere_in_the_tree_and_on_shared_modules():
+def test_hooks_anywhere_in_the_tree_and_on_shared_modules_are_found():
     model = build_model(small_config(positional_embedding_type="standard"))
     layers = model.transformer_encoder.layers
     layers[1].linear2 = layers[0].linear2  # one module held twice
-    assert not hooks_registered(model)
+    assert why_submodules_must_run(model) is None
     for module, register in (
         (layers[0].linear2, "register_forward_hook"),
         (layers[1].self_attn.out_proj, "register_full_backward_pre_hook"),
         (model.output_layer, "register_forward_pre_hook"),
     ):
         handle = getattr(module, register)(lambda *args: None)
-        assert hooks_registered(model)
+        assert why_submodules_must_run(model) == HOOKS
         handle.remove()
-        assert not hooks_registered(model)
+        assert why_submodules_must_run(model) is None
     handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
-    assert hooks_registered(model)
+    assert why_submodules_must_run(model) == HOOKS
     handle.remove()
+
+
+def test_a_forward_set_on_an_instance_is_found_and_nnsights_own_is_not(NNsight):
+    model = build_model(small_config(positional_embedding_type="rotary_qk"))
+    rotary = model.transformer_encoder.layers[1].self_attn.rotary
+    replaced = "transformer_encoder.layers.1.self_attn.rotary.forward is set on the instance"
+    rotary.forward = rotary.forward  # its class's forward, bound on the instance
+    assert why_submodules_must_run(model) is None
+    rotary.forward = types.MethodType(lambda self, q, k, cos, sin: (q, k), rotary)
+    assert why_submodules_must_run(model) == replaced
+    NNsight(model)  # nnsight keeps that forward as what its own runs
+    assert why_submodules_must_run(model) == replaced
+    model = build_model(small_config(positional_embedding_type="rotary_qk"))
+    NNsight(model)  # every submodule gets nnsight's forward, which runs the class's
+    assert all("forward" in module.__dict__ for module in model.modules())
+    assert why_submodules_must_run(model) is None
+    model.output_layer.forward = lambda x: x  # replaced after wrapping
+    assert why_submodules_must_run(model) == "output_layer.forward is set on the instance"
 
 
 def test_traces_compile_nothing_and_compiled_code_is_used_after(NNsight, monkeypatch):

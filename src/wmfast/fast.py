@@ -41,7 +41,7 @@ from torch import nn
 
 from wmfast import backends
 from wmfast.attention_backends import CAUSAL_ATTENTION
-from wmfast.interp import hooks_registered
+from wmfast.interp import HOOKS, why_submodules_must_run
 from wmfast.models.base import WorkingMemoryModel
 from wmfast.models.recurrent import LSTMModel, RNNCore, RNNModel
 from wmfast.models.transformer import TransformerModel
@@ -341,8 +341,8 @@ class FastRunner:
         it is for locating a divergence, not for speed."""
         if not isinstance(model, TransformerModel):
             return self._recurrent(model, input_ids)
-        if record is None and hooks_registered(model):
-            return model.forward_modules(input_ids)
+        if record is None and (why := why_submodules_must_run(model)) is not None:
+            return self._module_path(model, input_ids, why)
         mismatch = fast_path_mismatch(model)
         if mismatch is not None:
             return self._module_path(model, input_ids, mismatch)
@@ -416,8 +416,8 @@ class FastRunner:
         ):
             self.last_plan = _RECURRENT_MODULES
             return model.forward_modules(input_ids)
-        if hooks_registered(model):
-            return model.forward_modules(input_ids)
+        if (why := why_submodules_must_run(model)) is not None:
+            return self._module_path(model, input_ids, why)
         plan = self.plan(model, input_ids.device)
         if plan.output_layer == "answer rows" and not _output_rows_pay(model, input_ids):
             plan = plan._replace(output_layer="module")  # what output_layer_eager runs then
@@ -440,8 +440,10 @@ class FastRunner:
 
     def _module_path(self, model: nn.Module, input_ids: torch.Tensor, mismatch: str):
         """The reference's computation, for a module tree the fast path does not
-        compute (wmfast.models.transformer_functional.fast_path_mismatch)."""
-        if mismatch not in self._said_module_path:
+        compute (wmfast.models.transformer_functional.fast_path_mismatch, a
+        replaced forward) or whose submodules carry hooks (which are expected
+        to cost speed: not logged)."""
+        if mismatch != HOOKS and mismatch not in self._said_module_path:
             self._said_module_path.add(mismatch)
             logger.warning(
                 "wmfast: %s, which the fast path does not compute: this fast model runs its "
@@ -553,16 +555,19 @@ def describe(model: nn.Module, device: torch.device | str | None = None) -> dict
     device = torch.device(device) if device is not None else next(model.parameters()).device
     training = runner.plan(model, device, grad_enabled=True)
     inference = runner.plan(model, device, grad_enabled=False)
-    if isinstance(model, TransformerModel):
-        mismatch = fast_path_mismatch(model)
-    else:
-        mismatch = _recurrent_path_mismatch(model, training)
+    mismatch = why_submodules_must_run(model)
+    if mismatch in (None, HOOKS):
+        if isinstance(model, TransformerModel):
+            mismatch = fast_path_mismatch(model)
+        else:
+            mismatch = _recurrent_path_mismatch(model, training)
     return {
         "variant": "fast",
         "device": str(device),
         "options": dataclasses.asdict(runner.options),
         # set where the module tree was changed so that the fast path would
-        # compute another function: the model then runs its module path
+        # compute another function (a replaced forward too): the model then
+        # runs its module path
         "module_path_reason": mismatch,
         "compiled_with_grad": training.compiled,
         "compiled_no_grad": inference.compiled,

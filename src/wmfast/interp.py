@@ -5,9 +5,9 @@
   compiled path (untraced) and their eager, every-submodule-called path
   (traced). It reads the state nnsight 0.8 installs on each wrapped module and
   never imports nnsight, so it costs a dict lookup on a model nnsight never saw.
-* ``hooks_registered(module)``: whether PyTorch forward hooks would be skipped
-  by the fast path (which calls no submodule); fast models then take their
-  module path too.
+* ``why_submodules_must_run(module)``: whether calling the submodules would do
+  more than the fast path (which calls none) computes: PyTorch hooks, or a
+  forward replaced on an instance; fast models then take their module path too.
 * ``unwrap(model)``: the torch module inside an nnsight wrapper.
 * ``NNsight``: ``nnsight.NNsight`` plus batching of several invokes that each
   take a (B, T) token-id tensor, so clean and ablated runs share one trace.
@@ -31,7 +31,9 @@ SUPPORTED_NNSIGHT = (">=0.8", "<0.9")
 # nnsight 0.8 keeps per-module state at module.__dict__["__nnsight__"]
 # (nnsight.intervention.source.STATE): a State whose ``routes`` hold
 # (weakref to Interleaver, path, locations); an Interleaver's ``interleaving``
-# is True while a trace runs through it.
+# is True while a trace runs through it. Its ``original`` is the (unbound)
+# forward the module had when wrapped, which nnsight's Controller, installed
+# as the instance's ``forward``, runs outside traces.
 _NNSIGHT_STATE = "__nnsight__"
 
 
@@ -47,22 +49,31 @@ def trace_active(module: torch.nn.Module) -> bool:
     return False
 
 
-def hooks_registered(module: torch.nn.Module) -> bool:
-    """True if a forward or backward (pre-)hook is registered on ``module``'s
-    submodules or globally: the fast path calls no submodule, so a fast model
-    takes its module path then, and the hooks fire as on the reference
-    (backward hooks too: a module's full backward hooks are attached when the
-    module is called)."""
+HOOKS = "hooks are registered"
+
+
+def why_submodules_must_run(module: torch.nn.Module) -> str | None:
+    """Why calling ``module``'s submodules would do something that the fast
+    path, which calls none of them, skips; None when nothing would be skipped.
+
+    ``HOOKS``: a forward or backward (pre-)hook is registered on a submodule
+    or globally; the fast model runs its module path, and the hooks fire as on
+    the reference (backward hooks too: a module's full backward hooks are
+    attached when the module is called). Otherwise "<path>.forward is set on
+    the instance": a submodule's forward was replaced (a monkeypatched
+    ablation, ``types.MethodType``), which the fast path would ignore.
+    nnsight's own forward on a wrapped module is not a replacement while what
+    it runs outside a trace is still the class's forward."""
     if (
         torch_module._global_forward_hooks
         or torch_module._global_forward_pre_hooks
         or torch_module._global_backward_hooks
         or torch_module._global_backward_pre_hooks
     ):
-        return True
+        return HOOKS
     # a walk over the _modules dicts rather than module.modules(): fast models
     # ask on every call, and that generator with its memo took 25 us for a
-    # two-layer transformer (this walk: ~9 us). No memo: a module held twice
+    # two-layer transformer (this walk: ~7 us; ~12 once nnsight wrapped it). No memo: a module held twice
     # is looked at twice, which costs only time (a module tree with a cycle
     # breaks state_dict and repr first)
     stack = [module]
@@ -70,15 +81,33 @@ def hooks_registered(module: torch.nn.Module) -> bool:
         for child in stack.pop()._modules.values():
             if child is None:  # an empty slot
                 continue
+            attributes = child.__dict__  # (read once: each attribute lookup costs)
             if (
-                child._forward_hooks
-                or child._forward_pre_hooks
-                or child._backward_hooks
-                or child._backward_pre_hooks
+                attributes["_forward_hooks"]
+                or attributes["_forward_pre_hooks"]
+                or attributes["_backward_hooks"]
+                or attributes["_backward_pre_hooks"]
             ):
-                return True
+                return HOOKS
+            if "forward" in attributes and _forward_replaced(child, attributes):
+                path = next(name for name, sub in module.named_modules() if sub is child)
+                return f"{path}.forward is set on the instance"
             stack.append(child)
-    return False
+    return None
+
+
+def _forward_replaced(module: torch.nn.Module, attributes: dict) -> bool:
+    """Whether ``module``'s forward, set on the instance (``attributes``, its
+    __dict__, holds one), is another function than its class's."""
+    forward = attributes["forward"]
+    state = attributes.get(_NNSIGHT_STATE)
+    if state is not None and type(forward).__name__ == "Controller":
+        # nnsight 0.8's controller: outside a trace it runs state.original,
+        # the forward the module had when nnsight wrapped it (unbound)
+        forward = state.original
+    else:
+        forward = getattr(forward, "__func__", forward)  # a method bound on the instance
+    return forward is not type(module).forward
 
 
 def unwrap(model: Any) -> Any:
