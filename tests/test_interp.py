@@ -267,6 +267,8 @@ def test_a_forward_set_on_an_instance_is_found_and_nnsights_own_is_not(NNsight):
     replaced = "transformer_encoder.layers.1.self_attn.rotary.forward is set on the instance"
     rotary.forward = rotary.forward  # its class's forward, bound on the instance
     assert why_submodules_must_run(model) is None
+    rotary.forward = model.transformer_encoder.layers[0].self_attn.rotary.forward  # another's
+    assert why_submodules_must_run(model) == replaced
     rotary.forward = types.MethodType(lambda self, q, k, cos, sin: (q, k), rotary)
     assert why_submodules_must_run(model) == replaced
     NNsight(model)  # nnsight keeps that forward as what its own runs
