@@ -978,6 +978,8 @@ def _edit(model, edit: str) -> None:
         model.transformer_encoder.norm = torch.nn.LayerNorm(model.d_model)
     elif edit == "padding_idx":
         model.embedding.padding_idx = 3  # the gradient of that row is zero
+    elif edit == "sparse_embedding":
+        model.embedding.sparse = True  # the same values, a sparse gradient
     elif edit == "removed_bias":  # at d_mlp 0 the block is this bias: it crashed
         layer.linear2.bias = None
     elif edit == "norm_without_affine":
@@ -995,6 +997,7 @@ def _edit(model, edit: str) -> None:
         "rotary_removed",
         "final_norm",
         "padding_idx",
+        "sparse_embedding",
         "removed_bias",
         "norm_without_affine",
     ],
@@ -1026,6 +1029,7 @@ def test_a_changed_module_tree_runs_the_module_path_with_a_warning(caplog, edit)
     assert describe(fast)["module_path_reason"] == reason
     torch.testing.assert_close(outputs[1], outputs[0], **FP32_LOGITS)
     for got, want in zip(grads[1], grads[0], strict=True):
+        assert got.layout == want.layout
         torch.testing.assert_close(got, want, **FP32_GRADS)
 
 

@@ -201,6 +201,8 @@ def fast_path_mismatch(model) -> str | None:
         return "output_layer's weight or bias is None"
     if emb.padding_idx is not None or emb.max_norm is not None or emb.scale_grad_by_freq:
         return "embedding has padding_idx, max_norm or scale_grad_by_freq set"
+    if emb.sparse:  # the same values; the weight's gradient a sparse tensor (SparseAdam)
+        return "embedding has sparse set"
     encoder = modules["transformer_encoder"]
     if type(encoder) is not (RotaryTransformerEncoder if rotary_qk else nn.TransformerEncoder):
         return f"transformer_encoder is a {type(encoder).__name__}"
