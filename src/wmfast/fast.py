@@ -421,6 +421,8 @@ class FastRunner:
         plan = self.plan(model, input_ids.device)
         if plan.output_layer == "answer rows" and not _output_rows_pay(model, input_ids):
             plan = plan._replace(output_layer="module")  # what output_layer_eager runs then
+        if plan.recurrence == "bptt" and input_ids.shape[1] < rnn_eager.MIN_STEPS:
+            plan = plan._replace(recurrence="module")
         if plan.recurrence == plan.output_layer == "module":
             self.last_plan = plan
             return model.forward_modules(input_ids)  # cuDNN recurrence: see module docstring

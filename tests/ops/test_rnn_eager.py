@@ -140,6 +140,17 @@ def test_the_fast_rnn_trains_through_it_on_the_cpu(monkeypatch, nonlinearity):
     assert calls[0] == 1 and fast._fast.last_plan.recurrence == "module"
 
 
+def test_the_fast_rnn_runs_nn_rnn_on_sequences_too_short_to_pay(monkeypatch):
+    calls = count_applies(monkeypatch, rnn_eager._ElmanRNN)
+    config = small_config(model_class="rnn")
+    reference, fast = reference_and_fast(config)
+    for seq_len, ran in ((rnn_eager.MIN_STEPS - 1, "module"), (rnn_eager.MIN_STEPS, "bptt")):
+        ids = random_ids(seq_len, config.d_vocab, 3, seq_len)
+        assert torch.equal(fast.train()(ids), reference.train()(ids))
+        assert fast._fast.last_plan.recurrence == ran
+    assert calls[0] == 1
+
+
 def test_autocast_and_torch_func_take_the_module(monkeypatch):
     calls = count_applies(monkeypatch, rnn_eager._ElmanRNN)
     config = small_config(model_class="rnn", act_fn="tanh")
