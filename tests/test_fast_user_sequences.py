@@ -8,9 +8,10 @@ against what the fast path computes. The gaps found so far (a forward replaced
 on an instance, a sparse embedding, meta-device builds) each came from one
 user operation meeting that state. This hypothesis state machine draws
 operations in random orders (mode switches, dtype casts, frozen parameters,
-loads, hooks, replaced forwards, copies, pickling, changed dropout and eps,
-autocast, nnsight ablations), and compares the logits after every step and
-every parameter gradient after each training step.
+loads, hooks, replaced forwards, copies, pickling, conversions between the
+variants, changed dropout and eps, autocast, nnsight ablations), and
+compares the logits after every step and every parameter gradient after
+each training step.
 
 The models are separate (not sharing parameters), so that every operation is
 done to each; after a training step the fast model's weights are set to the
@@ -38,7 +39,7 @@ from hypothesis.stateful import (
 )
 
 from wmfast import build_model
-from wmfast.fast import FastOptions
+from wmfast.fast import FastOptions, is_fast, make_fast, make_reference
 from wmfast.ops import mlp_eager, output_layer_eager
 
 from .helpers import FP32_GRADS, FP32_LOGITS, random_ids, small_config
@@ -344,6 +345,15 @@ class ReferenceAndFast(RuleBasedStateMachine):
         self.reference, self.fast = copies[:2]
         self.hooks = []  # the copies hold copies of the hooks, without handles here
 
+    @rule()
+    def convert_there_and_back(self):
+        """``make_reference`` and ``make_fast`` (sharing copies): each model
+        through the other variant and back, options kept."""
+        self.reference = make_reference(make_fast(self.reference))
+        self.fast = make_fast(make_reference(self.fast), FastOptions(**self.OPTIONS))
+        assert is_fast(self.fast) and not is_fast(self.reference)
+        self.hooks = []  # (as copy_models)
+
     @rule(dropout=st.sampled_from([0.0, 0.1]), eps=st.sampled_from([1e-5, 1e-3]))
     def change_dropout_and_eps(self, dropout, eps):
         """Set on every module after building, as a user sweeping them would."""
@@ -447,8 +457,8 @@ MACHINES = {
 @pytest.mark.filterwarnings("ignore:.*was replaced after nnsight wrapped:UserWarning")
 @pytest.mark.parametrize("name", MACHINES)
 def test_user_operations_in_any_order_keep_fast_equal_to_reference(name, monkeypatch):
-    # the recurrent models' own CPU paths, below the sizes they pay from
-    # (tests/conftest.py lifts the transformers' thresholds)
+    # the RNN/LSTM's row-sparse output layer and the transformers' fused ReLU
+    # MLP, below the sizes they pay from (tests/conftest.py lifts the others)
     monkeypatch.setattr(output_layer_eager, "MIN_PRODUCTS", 0)
     monkeypatch.setattr(mlp_eager, "MIN_FUSED_HIDDEN", 0)
     # not shrunk: a replay builds two models, and shrinking one failure took
