@@ -192,6 +192,20 @@ def assert_registered_ops_compute_the_same(run, op_names: tuple[str, ...]) -> No
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+class HalvedForward:
+    """A forward to set on a module instance, as a monkeypatched ablation
+    writes one: the class's forward with every output tensor halved. A class
+    rather than a closure, so that models holding one still deep-copy (bound
+    to the copy) and pickle."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        out = type(self.module).forward(self.module, *args, **kwargs)
+        return torch.utils._pytree.tree_map(lambda t: t * 0.5, out)
+
+
 def put_relu_inputs_at_zero(model, input_ids, where) -> None:
     """Shift linear1's bias in layer 0 so that its outputs at ``where`` (a list
     of (b, t, unit), distinct units) are zero up to rounding: ReLU kinks

@@ -37,6 +37,7 @@ from .helpers import (
     FP32_GRADS,
     FP32_LOGITS,
     POSITIONAL_TYPES,
+    HalvedForward,
     RecordOps,
     assert_as_close_to_fp64_as_the_reference,
     count_applies,
@@ -1033,15 +1034,6 @@ def test_a_changed_module_tree_runs_the_module_path_with_a_warning(caplog, edit)
         torch.testing.assert_close(got, want, **FP32_GRADS)
 
 
-def _halved(forward):
-    """A replacement forward, as a one-line monkeypatched ablation writes it."""
-
-    def halved(*args, **kwargs):
-        return torch.utils._pytree.tree_map(lambda t: t * 0.5, forward(*args, **kwargs))
-
-    return halved
-
-
 @pytest.mark.parametrize(
     "model_class, path",
     [
@@ -1065,7 +1057,7 @@ def test_a_forward_replaced_on_an_instance_runs_the_module_path(
     unpatched = reference(ids).detach()
     for model in (reference, fast):
         module = model.get_submodule(path)
-        module.forward = _halved(module.forward)
+        module.forward = HalvedForward(module)
     outputs, grads = [], []
     with caplog.at_level(logging.WARNING, logger="wmfast"):
         for model in (reference, fast):
