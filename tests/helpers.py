@@ -244,3 +244,18 @@ def grads_across_relu_kinks(reference, run, got, want, tolerance) -> list:
         dict(enumerate(want)), dict(enumerate(got)), failing, 1e-5,
     )  # fmt: skip
     return list(found.grads.values()) if found.flips else want
+
+
+def grad_at(nm, path: str, ids: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """In an nnsight trace of ``nm``: the gradient of ``(logits * weight).sum()``
+    (``weight`` 1 if None) at the output of ``path`` (its first tensor, for
+    tuples), as a researcher reads it with ``.grad``."""
+    from wmfast.check import envoy_at
+
+    with nm.trace(ids):
+        out = envoy_at(nm, path).output
+        target = out[0] if isinstance(out, tuple) else out
+        logits = nm.output
+        with (logits.sum() if weight is None else (logits * weight).sum()).backward():
+            grad = target.grad.save()
+    return grad

@@ -22,7 +22,14 @@ from wmfast.check import envoy_at, reached_paths, trace_ablation
 from wmfast.fast import make_fast
 from wmfast.interp import HOOKS, trace_active, why_submodules_must_run
 
-from .helpers import FP32_GRADS, FP32_LOGITS, POSITIONAL_TYPES, random_ids, small_config
+from .helpers import (
+    FP32_GRADS,
+    FP32_LOGITS,
+    POSITIONAL_TYPES,
+    grad_at,
+    random_ids,
+    small_config,
+)
 
 pytestmark = pytest.mark.nnsight
 
@@ -65,16 +72,6 @@ def save_output(nm, path, ids):
         saved = envoy_at(nm, path).output.save()
         logits = nm.output.save()
     return saved, logits
-
-
-def grad_at(nm, path, ids):
-    with nm.trace(ids):
-        out = envoy_at(nm, path).output
-        target = out[0] if isinstance(out, tuple) else out
-        logits = nm.output
-        with logits.sum().backward():
-            grad = target.grad.save()
-    return grad
 
 
 def _assert_same(got, want):
