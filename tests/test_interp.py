@@ -41,6 +41,18 @@ def NNsight():
     return NNsight
 
 
+@pytest.fixture(scope="module", params=["wmfast.interp.NNsight", "nnsight.NNsight"])
+def any_NNsight(request):
+    """wmfast's NNsight, and plain nnsight.NNsight, which a user who already
+    has nnsight may wrap with: tests of one invoke per trace take both (only
+    batching several invokes needs wmfast's)."""
+    import nnsight
+
+    from wmfast.interp import NNsight
+
+    return NNsight if request.param.startswith("wmfast") else nnsight.NNsight
+
+
 def _configs():
     transformer = st.builds(
         lambda pe, heads, d_mlp, layers, seed: small_config(
@@ -85,12 +97,12 @@ def _assert_same(got, want):
 
 
 @given(_configs(), st.integers(0, 2**31 - 1))
-def test_every_reference_path_traces_the_same_on_the_fast_model(NNsight, config, seed):
+def test_every_reference_path_traces_the_same_on_the_fast_model(any_NNsight, config, seed):
     reference = build_model(config, variant="reference")
     fast = make_fast(reference)
     ids = random_ids(seed, config.d_vocab, 2, 5)
     paths = reached_paths(reference, ids)
-    nm_ref, nm_fast = NNsight(reference), NNsight(fast)
+    nm_ref, nm_fast = any_NNsight(reference), any_NNsight(fast)
     for path in paths:
         want, want_logits = save_output(nm_ref, path, ids)
         got, got_logits = save_output(nm_fast, path, ids)
@@ -119,11 +131,11 @@ def _expected_path_count(config) -> int:
 
 
 @given(_configs(), st.integers(0, 2**31 - 1))
-def test_gradients_saved_through_nnsight_match(NNsight, config, seed):
+def test_gradients_saved_through_nnsight_match(any_NNsight, config, seed):
     reference = build_model(config, variant="reference")
     fast = make_fast(reference)
     ids = random_ids(seed, config.d_vocab, 2, 5)
-    nm_ref, nm_fast = NNsight(reference), NNsight(fast)
+    nm_ref, nm_fast = any_NNsight(reference), any_NNsight(fast)
     paths = reached_paths(reference, ids)
     if config.positional_embedding_type == "rotary_qk":
         # its (cos, sin) tables are functions of the positions alone: no
@@ -384,7 +396,7 @@ def test_batched_invokes_of_different_lengths_are_a_clear_error(NNsight):
 # invoke(input_ids) per run.
 
 
-def test_guide_accessing_activations(NNsight):
+def test_guide_accessing_activations(any_NNsight):
     from wmfast import ModelConfig, TransformerModelWrapper
 
     config = ModelConfig(
@@ -395,7 +407,7 @@ def test_guide_accessing_activations(NNsight):
         positional_embedding_type="rotary",
     )
     model = TransformerModelWrapper(config)
-    traced_model = NNsight(model.model)
+    traced_model = any_NNsight(model.model)
     input_ids = random_ids(0, 100, 2, 10).to(model.device)
     with traced_model.trace(input_ids):
         embeddings = traced_model.embedding.output.save()
@@ -403,9 +415,9 @@ def test_guide_accessing_activations(NNsight):
     assert embeddings.shape == encoder_output.shape == (2, 10, 256)
 
 
-def test_guide_intervening_on_activations(NNsight):
+def test_guide_intervening_on_activations(any_NNsight):
     model = build_model(small_config(positional_embedding_type="standard"))
-    traced_model = NNsight(model)
+    traced_model = any_NNsight(model)
     input_ids = random_ids(1, 50, 2, 8)
     with traced_model.trace(input_ids):
         traced_model.embedding.output[:] = 0
@@ -417,9 +429,9 @@ def test_guide_intervening_on_activations(NNsight):
 
 
 @pytest.mark.parametrize("cls, core", [("rnn", "rnn_core"), ("lstm", "lstm_core")])
-def test_guide_rnn_lstm(NNsight, cls, core):
+def test_guide_rnn_lstm(any_NNsight, cls, core):
     model = build_model(small_config(model_class=cls, act_fn="tanh" if cls == "rnn" else "relu"))
-    traced = NNsight(model)
+    traced = any_NNsight(model)
     input_ids = random_ids(2, 50, 2, 8)
     with traced.trace(input_ids):
         embeddings = traced.embedding.output.save()
