@@ -8,8 +8,10 @@ import hashlib
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
-from wmfast import ModelConfig, TrainingConfig, TransformerModelWrapper, load_model
+from wmfast import ModelConfig, ModelWrapper, TrainingConfig, TransformerModelWrapper, load_model
 from wmfast import training as T
 from wmfast.tasks import sir
 from wmfast.tasks.sir import SIRDataset
@@ -133,6 +135,60 @@ def test_reference_and_fast_training_give_the_same_loss_curve_and_interchangeabl
     torch.testing.assert_close(as_reference(ids), fast.model.eval()(ids), rtol=1e-5, atol=1e-5)
     as_fast = load_model(tmp_path / "ref", variant="fast").eval()
     torch.testing.assert_close(as_fast(ids), reference.model.eval()(ids), rtol=1e-5, atol=1e-5)
+
+
+@given(
+    model=st.sampled_from(
+        ["transformer/rotary_qk", "transformer/rotary", "transformer/standard", "transformer/None"]
+        + ["rnn", "lstm"]
+    ),
+    dropout=st.sampled_from([0.0, 0.1]),
+    sparsity=st.sampled_from([0.0, 0.5]),
+    freeze_embeddings=st.booleans(),
+    mask_answer_tokens=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    seed=st.integers(0, 1000),
+)
+def test_every_model_and_training_option_gives_the_same_run_on_both_variants(
+    tmp_path_factory, model, dropout, sparsity, freeze_embeddings, mask_answer_tokens,
+    weight_decay, seed,
+):  # fmt: skip
+    """The loss at every step and the evaluation after the run, for each
+    model and the options that change what a step computes (dropout masks,
+    the answers sparsity drops, frozen embeddings, unmasked answers)."""
+    cls, _, pe = model.partition("/")
+    fields = dict(positional_embedding_type=None if pe == "None" else pe, d_mlp=32)
+    config = _config(
+        model_class=cls,
+        dropout=dropout,
+        seed=seed,
+        **(fields if cls == "transformer" else dict(act_fn="tanh" if cls == "rnn" else "relu")),
+    )
+    training = dict(
+        sparsity=sparsity,
+        freeze_embeddings=freeze_embeddings,
+        mask_answer_tokens=mask_answer_tokens,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+    runs = []
+    for variant in ("reference", "fast"):
+        wrapper = _on_cpu(ModelWrapper(config, variant=variant))
+        losses = []
+        directory = tmp_path_factory.mktemp(variant)
+        wrapper.train(
+            TRAIN, _training(directory, **training), progress=False,
+            on_step=lambda step, loss, losses=losses: losses.append(loss),
+        )  # fmt: skip
+        metrics = wrapper.evaluate(VAL, mask_answer_tokens=mask_answer_tokens, skip_warmup=False)
+        runs.append((losses, metrics))
+    (ref_losses, ref_eval), (fast_losses, fast_eval) = runs
+    assert len(fast_losses) == len(ref_losses) == 12
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(ref_losses), **FP32_GRADS)
+    torch.testing.assert_close(fast_eval["loss"], ref_eval["loss"], **FP32_GRADS)
+    # (every answer counted, 8 a sequence): one whose two best logits tie
+    # within rounding may go either way
+    assert abs(fast_eval["acc"] - ref_eval["acc"]) <= 1.5 / (len(VAL) * 8), (fast_eval, ref_eval)
 
 
 def test_cpu_reruns_are_bitwise_equal(tmp_path):
