@@ -191,6 +191,31 @@ def test_every_model_and_training_option_gives_the_same_run_on_both_variants(
     assert abs(fast_eval["acc"] - ref_eval["acc"]) <= 1.5 / (len(VAL) * 8), (fast_eval, ref_eval)
 
 
+@pytest.mark.cuda
+def test_the_training_loop_runs_under_cuda_graphs(tmp_path):
+    """With ``mode="reduce-overhead"`` torch.compile replays each call into
+    memory that the next call reuses, and reading an output kept from an
+    earlier call raises (README, Options): the loop, its evaluations and its
+    test pass must keep no model output across calls, and give the run that
+    the default fast model gives."""
+    from wmfast import FastOptions
+
+    runs = []
+    for options in (None, FastOptions(mode="reduce-overhead")):
+        wrapper = TransformerModelWrapper(_config(dropout=0.0), fast_options=options)
+        assert wrapper.device.type == "cuda"
+        losses = []
+        wrapper.train(
+            TRAIN, _training(tmp_path / str(len(runs)), precision="fp32"),
+            eval_dataset=VAL, test_dataset=VAL, progress=False,
+            on_step=lambda step, loss, losses=losses: losses.append(loss),
+        )  # fmt: skip
+        runs.append((losses, wrapper.evaluate(VAL, return_predictions=True)))
+    (losses, metrics), (graph_losses, graph_metrics) = runs
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(losses), **FP32_GRADS)
+    torch.testing.assert_close(graph_metrics["loss"], metrics["loss"], **FP32_GRADS)
+
+
 def test_cpu_reruns_are_bitwise_equal(tmp_path):
     a, losses_a = _losses(tmp_path / "a", "fast")
     b, losses_b = _losses(tmp_path / "b", "fast")
