@@ -44,6 +44,7 @@ SETTINGS_KEYS = {
     "speed",
     "tolerances",
     "inputs",
+    "fast_options",
 }
 
 

@@ -105,3 +105,46 @@ def test_the_ran_column_names_the_training_choices_where_they_differ():
         recurrent, device="cuda:0", recurrence_with_grad="module", output_layer_with_grad="module"
     )
     assert _ran(SimpleNamespace(ran=cuda)) == "module path (cuDNN)"
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        (["compile"], "KEY=VALUE"),
+        (["speed=max"], "no FastOptions field ['speed']"),
+        (["compile=sometimes"], "FastOptions.compile must be one of"),
+        (["dynamic=maybe"], "FastOptions.dynamic must be one of"),
+    ],
+)
+def test_bad_fast_options_exit_2_naming_the_problem(pairs, message, capsys):
+    args = ["check", "--no-paths", "--no-speed"]
+    for pair in pairs:
+        args += ["--option", pair]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fast_options_are_refused_for_the_reference_variant(capsys):
+    assert main(["check", "--variant", "reference", "--option", "compile=never"]) == 2
+    assert "apply to the fast variant" in capsys.readouterr().err
+
+
+def test_fast_options_build_the_checked_model(tmp_path):
+    import json
+
+    import yaml
+
+    from .helpers import small_config
+
+    config = tmp_path / "model.yaml"
+    config.write_text(yaml.safe_dump(small_config(positional_embedding_type="rotary").to_dict()))
+    report = tmp_path / "report.json"
+    args = ["check", str(config), "--no-paths", "--no-speed", "--json", str(report)]
+    args += ["--option", "compile=never", "--option", "rotary=torch", "--option", "dynamic=true"]
+    assert main(args) == 0
+    data = json.loads(report.read_text())
+    expected = dict(compile="never", rotary="torch", dynamic=True)
+    assert {k: data["settings"]["fast_options"][k] for k in expected} == expected
+    ran = data["models"][0]["ran"]
+    assert {k: ran["options"][k] for k in expected} == expected
+    assert not ran["compiled_no_grad"]

@@ -694,7 +694,8 @@ def check_equivalence(
     use: unreadable configs, missing checkpoints, CUDA asked for but absent,
     nnsight missing while ``paths`` is on, a bad inputs file. ``device``
     "auto" checks on CUDA when a GPU is present (the path users train on
-    there), else on the CPU.
+    there), else on the CPU. ``fast_options`` (wmfast.fast.FastOptions)
+    builds the fast model as you will run it, e.g. with ``compile="never"``.
     """
     if variant not in VARIANTS:
         raise CheckInputError(f"variant must be one of {list(VARIANTS)}; got {variant!r}")
@@ -702,6 +703,8 @@ def check_equivalence(
         raise CheckInputError(f"dtype must be one of {list(AUTOCAST_DTYPES)}; got {dtype!r}")
     if batch_size < 1 or seq_len < 1:
         raise CheckInputError("batch size and sequence length must be >= 1")
+    if fast_options is not None and variant != "fast":
+        raise CheckInputError(f"fast options apply to the fast variant, not to {variant!r}")
     dev = _resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckInputError("device 'cuda' was asked for, but no CUDA device is available")
@@ -756,6 +759,7 @@ def check_equivalence(
         variant=variant, device=str(dev), dtype=dtype, batch_size=batch_size, seq_len=seq_len,
         seeds=list(seeds), paths=paths, speed=speed, tolerances=tolerances or TOLERANCES,
         inputs=str(input_ids) if isinstance(input_ids, (str, os.PathLike)) else None,
+        fast_options=dataclasses.asdict(fast_options) if fast_options is not None else None,
     )  # fmt: skip
     return Report(environment=_environment(dev), settings=settings, models=reports)
 

@@ -13,6 +13,7 @@ built-in default model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -36,6 +37,37 @@ def _tolerances(args: argparse.Namespace):
             for kind, (rtol, atol) in kinds.items()
         }
     return out
+
+
+def _fast_options(pairs: list[str]):
+    """``--option KEY=VALUE`` pairs as FastOptions (None when there are none);
+    ValueError names a malformed pair or a bad field or value."""
+    if not pairs:
+        return None
+    from wmfast.fast import FastOptions
+
+    words = {"none": None, "true": True, "false": False}
+    fields = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option takes KEY=VALUE (a FastOptions field); got {pair!r}")
+        fields[key.strip()] = words.get(value.strip().lower(), value.strip())
+    known = {f.name for f in dataclasses.fields(FastOptions)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"--option: no FastOptions field {unknown}; the fields: {sorted(known)}")
+    return FastOptions(**fields)
+
+
+def _chosen_options(options: dict | None) -> str:
+    """The FastOptions fields set away from their defaults, as KEY=VALUE."""
+    if not options:
+        return ""
+    from wmfast.fast import FastOptions
+
+    default = dataclasses.asdict(FastOptions())
+    return " ".join(f"{k}={v}" for k, v in options.items() if default[k] != v)
 
 
 def _worst(comparisons, kind):
@@ -93,9 +125,11 @@ def render(report, console) -> None:
     from rich.table import Table
 
     s = report.settings
+    chosen = _chosen_options(s.get("fast_options"))
     table = Table(
         title=f"wmfast check: {s['variant']} vs reference on {s['device']}, {s['dtype']}, "
         f"batch {s['batch_size']}, T {s['seq_len']}, seeds {s['seeds']}"
+        + (f", options {chosen}" if chosen else "")
     )
     table.add_column("model", no_wrap=True)
     table.add_column("ok")
@@ -157,6 +191,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except ValueError:
         return _bad_input(f"--seeds must be comma-separated integers; got {args.seeds!r}")
     try:
+        fast_options = _fast_options(args.option)
+    except ValueError as exc:
+        return _bad_input(str(exc))
+    try:
         with err.status("wmfast check: starting") as status:
             report = check_equivalence(
                 args.source,
@@ -170,6 +208,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 paths=not args.no_paths,
                 speed=not args.no_speed,
                 input_ids=args.inputs,
+                fast_options=fast_options,
                 progress=lambda msg: status.update(f"wmfast check: {msg}"),
             )
     except CheckInputError as exc:
@@ -252,7 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="config YAML or run directory (default: built-in models)",
     )
-    check.add_argument("--variant", default="fast", choices=["fast", "reference"])
+    check.add_argument(
+        "--variant",
+        default="fast",
+        choices=["fast", "reference"],
+        help="the variant held to the reference (reference: the check checks itself)",
+    )
+    check.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a FastOptions field of the fast model, as you will run it (repeatable): "
+        "e.g. --option compile=never --option rotary=torch",
+    )
     check.add_argument(
         "--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N"
     )
@@ -264,8 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # defaults: wmfast.check.DEFAULT_BATCH and DEFAULT_SEQ_LEN (8, 128), not
     # imported here: wmfast --help should not wait for torch
-    check.add_argument("--batch-size", type=int, default=8)
-    check.add_argument("--seq-len", type=int, default=128)
+    check.add_argument("--batch-size", type=int, default=8, help="rows of each input (default 8)")
+    check.add_argument(
+        "--seq-len", type=int, default=128, help="tokens of each input row (default 128)"
+    )
     check.add_argument(
         "--seeds", default="0", help="comma-separated seeds for the random token ids"
     )
