@@ -363,6 +363,43 @@ def test_edits_sessions_and_early_stops_trace_the_same_on_the_fast_model(NNsight
         assert (got[name] - plain).abs().max() > 1e-3, name  # the edit really happened
 
 
+def tutorial_operations(nm, ids) -> dict:
+    """The nnsight tutorial's operations (001_d025f61509c48238.txt) on these
+    models: a logit lens inside the trace (output_layer applied to each
+    layer's output: post-LN layers, no final norm), inputs read with
+    ``.input``/``.inputs``, and a module's whole output replaced."""
+    seen = {}
+    with nm.trace(ids):
+        seen["self_attn inputs"] = nm.transformer_encoder.layers[0].self_attn.inputs[0][0].save()
+        seen["lens"] = [
+            nm.output_layer(layer.output)[:, -1].softmax(-1).save()
+            for layer in nm.transformer_encoder.layers
+        ]
+        seen["output_layer input"] = nm.output_layer.input.save()
+    with nm.trace(ids):
+        hidden = nm.transformer_encoder.layers[0].output
+        nm.transformer_encoder.layers[0].output = hidden * 0.5 + 1
+        seen["replaced"] = nm.output.save()
+    seen["lens"] = torch.stack(seen["lens"])
+    return seen
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+def test_the_tutorials_operations_trace_the_same_on_the_fast_model(any_NNsight, pe):
+    config = small_config(positional_embedding_type=pe, d_mlp=16, seed=41)
+    reference = build_model(config, variant="reference")
+    fast = make_fast(reference)
+    ids = random_ids(42, 50, 2, 9)
+    want = tutorial_operations(any_NNsight(reference), ids)
+    got = tutorial_operations(any_NNsight(fast), ids)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **FP32_LOGITS, msg=name)
+    with torch.no_grad():
+        # the last layer's lens is the logits; the replacement changed them
+        torch.testing.assert_close(got["lens"][-1], fast(ids)[:, -1].softmax(-1), **FP32_LOGITS)
+        assert (got["replaced"] - fast(ids)).abs().max() > 1e-3
+
+
 def test_batched_invokes_each_see_their_own_rows(NNsight):
     fast = build_model(small_config(positional_embedding_type="standard"))
     nm = NNsight(fast)
