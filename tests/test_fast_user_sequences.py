@@ -59,6 +59,7 @@ from .helpers import (
 FP64_LOGITS = dict(rtol=1e-9, atol=1e-10)
 FP64_GRADS_AFTER_A_LOSS = dict(rtol=1e-8, atol=1e-10)
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # judged against fp64 (models_to_compare)
 SHAPES = [(2, 5), (3, 8)]  # (batch, seq_len); few, so the compiled case compiles little
 HAS_NNSIGHT = importlib.util.find_spec("nnsight") is not None
 
@@ -77,7 +78,7 @@ class ReferenceAndFast(RuleBasedStateMachine):
     MODEL_CLASS = "transformer"
     POSITIONAL: str | None = "standard"
     OPTIONS: dict = {}  # FastOptions
-    CASTS = (torch.float32, torch.float64, torch.bfloat16)
+    CASTS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     AUTOCAST = True
 
     @initialize(
@@ -113,18 +114,18 @@ class ReferenceAndFast(RuleBasedStateMachine):
         return self.reference, self.fast
 
     def models_to_compare(self) -> tuple[torch.nn.Module, ...]:
-        """(reference, fast), and for bf16 models an fp64 copy of the
+        """(reference, fast), and for bf16 and fp16 models an fp64 copy of the
         reference to judge both by: two bf16 computations that round in
         other places differ by a few bf16 steps (up to 0.033 at logits of
         scale 3 on these models), and the fast one is the closer of the two
         to exact arithmetic (its compiled calls keep fp32 inside)."""
-        if self.dtype != torch.bfloat16:
+        if self.dtype not in LOW_PRECISION:
             return self.reference, self.fast
         return self.reference, self.fast, copy.deepcopy(self.reference).double()
 
     def assert_same(self, name: str, want, got, exact=None) -> None:
         """``got`` (fast) equals ``want`` (reference) to the spec's tolerances;
-        or, given ``exact`` (bf16 runs), it is at most twice as far from it as
+        or, given ``exact`` (bf16/fp16 runs), it is at most twice as far from it as
         ``want``, plus a bf16 step of the value's scale."""
         if exact is None:
             tolerances = self.tolerances(grads=name != "logits")
@@ -170,7 +171,7 @@ class ReferenceAndFast(RuleBasedStateMachine):
         return (
             self.dropout > 0
             and self.reference.training
-            and (not grad or self.dtype == torch.bfloat16)
+            and (not grad or self.dtype in LOW_PRECISION)
         )
 
     @invariant()
@@ -240,8 +241,8 @@ class ReferenceAndFast(RuleBasedStateMachine):
         self.assert_same(
             "logits", grads[0]["logits"], grads[1]["logits"], *(g["logits"] for g in grads[2:])
         )
-        if self.dtype == torch.bfloat16:
-            # bf16 gradients are not judged: a forward rounded in other places
+        if self.dtype in LOW_PRECISION:
+            # bf16/fp16 gradients are not judged: a forward rounded in other places
             # flips ReLUs near their kink, and then the reference's gradients or
             # the fast one's are several times further from fp64 than the
             # other's, either way round by seed
@@ -435,7 +436,7 @@ class ReferenceAndFast(RuleBasedStateMachine):
             return
         reference, fast = grads[:2]
         assert fast.dtype == reference.dtype and fast.shape == reference.shape, name
-        if self.dtype == torch.bfloat16:  # (not judged: see training_step)
+        if self.dtype in LOW_PRECISION:  # (not judged: see training_step)
             assert torch.isfinite(fast).all(), name
             return
         [want] = grads_across_relu_kinks(
