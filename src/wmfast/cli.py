@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant",
         default="fast",
         choices=["fast", "reference"],
-        help="the variant held to the reference (reference: the check checks itself)",
+        help="the variant held to the reference (reference: the reference against itself, a self-test)",
     )
     check.add_argument(
         "--option",
