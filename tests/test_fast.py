@@ -809,6 +809,40 @@ def test_vmap_runs_the_plain_math_where_the_rules_would_compile():
     torch.testing.assert_close(outs[1], outs[0], **FP32_LOGITS)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("pe", POSITIONAL_TYPES)
+def test_a_vmapped_ensemble_of_seeds_equals_the_reference(pe):
+    """torch.func's model ensembling (stack_module_state, vmap over the
+    stacked parameters): several seeds of a sweep in one call, forward and
+    the gradients of every member's loss (RNN/LSTM: PyTorch has no batching
+    rule for its recurrences, on the reference either)."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    ids = random_ids(29, 50, 2, 7)
+    results = []
+    for variant in ("reference", "fast"):
+        members = [
+            build_model(small_config(positional_embedding_type=pe, seed=s), variant=variant)
+            for s in (1, 2, 3)
+        ]
+        params, buffers = stack_module_state(members)
+        base = copy.deepcopy(members[0]).to("meta")
+
+        def member_logits(p, b, base=base):
+            return functional_call(base, (p, b), (ids,))
+
+        def loss(p, b):
+            logits = member_logits(p, b)
+            return (logits * logits.detach().sign()).mean()
+
+        results.append((vmap(member_logits)(params, buffers), vmap(grad(loss))(params, buffers)))
+    (want, want_grads), (got, got_grads) = results
+    assert want.shape[0] == 3 and (want[0] - want[1]).abs().max() > 1e-3  # three seeds
+    torch.testing.assert_close(got, want, **FP32_LOGITS)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **FP32_GRADS, msg=name)
+
+
 @pytest.mark.parametrize(
     "config",
     [small_config(positional_embedding_type=pe) for pe in POSITIONAL_TYPES]
