@@ -206,6 +206,38 @@ class ReferenceAndFast(RuleBasedStateMachine):
             self.assert_same("logits", *logits)
 
     @rule(
+        bad=st.sampled_from(["id too large", "negative id", "float ids", "1-D ids", "too long"]),
+        grad=st.booleans(),
+    )
+    def bad_input(self, bad, grad):
+        """Input the models refuse: the same error, word for word, on both,
+        whatever state they are in (hooks, replaced forwards, casts...)."""
+        ids = random_ids(0, self.config.d_vocab, *SHAPES[0])
+        if bad == "id too large":
+            ids[1, 2] = self.config.d_vocab
+        elif bad == "negative id":
+            ids[0, 1] = -1
+        elif bad == "float ids":
+            ids = ids.float()
+        elif bad == "1-D ids":
+            ids = ids[0]
+        elif bad == "too long":
+            if self.POSITIONAL != "standard" or self.MODEL_CLASS != "transformer":
+                return  # (only learned positions end at n_ctx; others take any length)
+            ids = random_ids(0, self.config.d_vocab, 1, self.config.n_ctx + 1)
+        errors = []
+        for model in self.models():
+            try:
+                with torch.set_grad_enabled(grad):
+                    model(ids)
+            except Exception as error:  # noqa: BLE001 (compared between the models)
+                errors.append((type(error), str(error)))
+            else:
+                errors.append(None)
+        assert errors[0] == errors[1], errors
+        assert errors[0] is not None, f"{bad}: accepted"
+
+    @rule(
         shape=st.sampled_from(SHAPES),
         seed=st.integers(0, 99),
         answers=st.sampled_from([slice(3, None, 4), slice(None, None, 2), slice(None)]),
