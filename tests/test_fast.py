@@ -1392,6 +1392,21 @@ def test_missing_triton_or_flash_attn_is_a_clear_error_not_a_fallback(monkeypatc
     assert backends.resolve_norm("auto", cuda, torch.float32, compiled_training=True) == "torch"
 
 
+@pytest.mark.parametrize("option", ["rotary", "norm"])
+def test_an_explicit_triton_choice_for_fp64_weights_is_a_clear_error(option, monkeypatch):
+    # the kernels take fp32, fp16 and bf16; "auto" takes the PyTorch math for
+    # fp64, but a user who named the kernel gets an error, not a fallback
+    monkeypatch.setattr(backends, "triton_installed", lambda: True)
+    config = small_config(positional_embedding_type="rotary_qk")
+    reference = build_model(config, variant="reference").double()
+    ids = random_ids(0, 50, 1, 4)
+    named = make_fast(reference, **{option: "triton"})
+    with pytest.raises(TypeError, match=f"{option}='triton' runs wmfast's Triton kernels.*float64"):
+        named(ids)
+    auto = make_fast(reference)
+    torch.testing.assert_close(auto(ids), reference(ids), rtol=1e-9, atol=1e-10)
+
+
 def test_device_rules():
     from wmfast.backends import resolve_attention, resolve_compile
 

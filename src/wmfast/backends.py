@@ -143,6 +143,8 @@ def resolve_rotary(
         raise ImportError(
             "rotary='triton' needs triton: pip install 'wmfast[triton]' (or use rotary='torch')"
         )
+    if choice == "triton":
+        _check_kernel_dtype("rotary", dtype)
     if choice != "auto":
         return choice
     if positional == "rotary" and compiled_training:
@@ -161,7 +163,22 @@ def resolve_norm(
         raise ImportError(
             "norm='triton' needs triton: pip install 'wmfast[triton]' (or use norm='torch')"
         )
+    if choice == "triton":
+        _check_kernel_dtype("norm", dtype)
     return choice
+
+
+def _check_kernel_dtype(option: str, dtype: torch.dtype) -> None:
+    """An explicit "triton" choice for weights the kernels cannot take is a
+    clear error at the model's level, not the kernel's (never a fallback:
+    the user asked for the kernel)."""
+    if dtype not in KERNEL_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
+        raise TypeError(
+            f"{option}='triton' runs wmfast's Triton kernels, which take {names}; this model's "
+            f"weights are {str(dtype).removeprefix('torch.')}: use {option}='auto' (which takes "
+            f"the PyTorch math for them) or {option}='torch'"
+        )
 
 
 def _kernels_take(device: torch.device, dtype: torch.dtype) -> bool:
