@@ -80,6 +80,7 @@ class ReferenceAndFast(RuleBasedStateMachine):
     OPTIONS: dict = {}  # FastOptions
     CASTS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     AUTOCAST = True
+    DEVICE = "cpu"
 
     @initialize(
         seed=st.integers(0, 1000),
@@ -99,16 +100,20 @@ class ReferenceAndFast(RuleBasedStateMachine):
         self.fast = build_model(
             self.config, variant="fast", fast_options=FastOptions(**self.OPTIONS)
         )
+        self.reference.to(self.DEVICE), self.fast.to(self.DEVICE)
         self.fast.load_state_dict(self.reference.state_dict())
         self.dtype = torch.float32
         self.dropout = dropout
         self.hooks: list = []
         self.replaced: list[str] = []
         self.steps = 0
-        ids = random_ids(0, self.config.d_vocab, *SHAPES[0])
+        ids = self.ids(0, *SHAPES[0])
         # the paths the module path calls (as `wmfast check` walks them): not
         # out_proj, whose weights nn.MultiheadAttention reads without a call
         self.called = list(reached_paths(self.reference, ids))
+
+    def ids(self, seed: int, batch: int, seq_len: int) -> torch.Tensor:
+        return random_ids(seed, self.config.d_vocab, batch, seq_len).to(self.DEVICE)
 
     def models(self):
         return self.reference, self.fast
@@ -167,11 +172,12 @@ class ReferenceAndFast(RuleBasedStateMachine):
     def dropout_draws_differ(self, grad: bool) -> bool:
         """Whether a call draws other dropout masks on the fast model (its
         compiled no-grad forward in train mode: README, Dropout; the CPU
-        training call draws the reference's) or on the fp64 judge of bf16."""
+        training call draws the reference's; on CUDA not judged at all) or
+        on the fp64 judge of bf16."""
         return (
             self.dropout > 0
             and self.reference.training
-            and (not grad or self.dtype in LOW_PRECISION)
+            and (not grad or self.dtype in LOW_PRECISION or self.DEVICE != "cpu")
         )
 
     @invariant()
@@ -194,7 +200,7 @@ class ReferenceAndFast(RuleBasedStateMachine):
     def forward(self, grad, shape, seed):
         if self.dropout_draws_differ(grad):
             return
-        ids = random_ids(seed, self.config.d_vocab, *shape)
+        ids = self.ids(seed, *shape)
 
         def call(model):
             torch.manual_seed(seed)
@@ -212,7 +218,7 @@ class ReferenceAndFast(RuleBasedStateMachine):
     def bad_input(self, bad, grad):
         """Input the models refuse: the same error, word for word, on both,
         whatever state they are in (hooks, replaced forwards, casts...)."""
-        ids = random_ids(0, self.config.d_vocab, *SHAPES[0])
+        ids = self.ids(0, *SHAPES[0])
         if bad == "id too large":
             ids[1, 2] = self.config.d_vocab
         elif bad == "negative id":
@@ -224,7 +230,7 @@ class ReferenceAndFast(RuleBasedStateMachine):
         elif bad == "too long":
             if self.POSITIONAL != "standard" or self.MODEL_CLASS != "transformer":
                 return  # (only learned positions end at n_ctx; others take any length)
-            ids = random_ids(0, self.config.d_vocab, 1, self.config.n_ctx + 1)
+            ids = self.ids(0, 1, self.config.n_ctx + 1)
         errors = []
         for model in self.models():
             try:
@@ -248,8 +254,8 @@ class ReferenceAndFast(RuleBasedStateMachine):
         CPU backward's row-sparse products depend on it), backward, SGD."""
         if self.dropout_draws_differ(grad=True):
             return
-        ids = random_ids(seed, self.config.d_vocab, *shape)
-        targets = random_ids(seed + 1, self.config.d_vocab, *shape)
+        ids = self.ids(seed, *shape)
+        targets = self.ids(seed + 1, *shape)
 
         def gradients(model) -> dict:
             model.zero_grad(set_to_none=True)
@@ -321,7 +327,7 @@ class ReferenceAndFast(RuleBasedStateMachine):
         with torch.no_grad():
             for p in self.reference.parameters():
                 noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
-                p.add_(noise.to(p.dtype), alpha=0.01)
+                p.add_(noise.to(p.device, p.dtype), alpha=0.01)
         self.fast.load_state_dict(self.reference.state_dict())
 
     @rule(data=st.data())
@@ -403,10 +409,10 @@ class ReferenceAndFast(RuleBasedStateMachine):
         two autocast runs differ by a few bf16 steps of the logits' scale)."""
         if self.dropout > 0 and self.reference.training:
             return  # (the fp64 judge would draw other masks)
-        ids = random_ids(seed, self.config.d_vocab, *SHAPES[0])
+        ids = self.ids(seed, *SHAPES[0])
 
         def call(model):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(self.DEVICE, dtype=torch.bfloat16):
                 return model(ids)
 
         logits = self.on_each(call)
@@ -428,7 +434,7 @@ class ReferenceAndFast(RuleBasedStateMachine):
         if self.dropout_draws_differ(grad=True):
             return
         name = data.draw(st.sampled_from(self.called))
-        ids = random_ids(seed, self.config.d_vocab, *SHAPES[0])
+        ids = self.ids(seed, *SHAPES[0])
 
         def ablated(model):
             torch.manual_seed(seed)
@@ -454,10 +460,10 @@ class ReferenceAndFast(RuleBasedStateMachine):
             p for p in self.called if not (p == "pos_encoder" and self.POSITIONAL == "rotary_qk")
         ]
         name = data.draw(st.sampled_from(paths))
-        ids = random_ids(seed, self.config.d_vocab, *SHAPES[0])
+        ids = self.ids(seed, *SHAPES[0])
         weight = torch.randn(
             (*SHAPES[0], self.config.d_vocab), generator=torch.Generator().manual_seed(seed)
-        ).to(self.dtype)
+        ).to(self.DEVICE, self.dtype)
 
         def gradient(model):
             torch.manual_seed(seed)
@@ -485,18 +491,26 @@ class ReferenceAndFast(RuleBasedStateMachine):
             handle.remove()
 
 
-def machine(model_class: str, positional: str | None = None, **options) -> type:
-    """A ReferenceAndFast for one model (and FastOptions)."""
+KERNEL_CASTS = dict(CASTS=(torch.float32, torch.bfloat16, torch.float16))
+
+
+def machine(
+    model_class: str, positional: str | None = None, device: str = "cpu", **options
+) -> type:
+    """A ReferenceAndFast for one model on ``device`` (and FastOptions)."""
     compiled = options.get("compile") != "never" and model_class == "transformer"
     return type(
-        f"ReferenceAndFast_{model_class}_{positional}",
+        f"ReferenceAndFast_{model_class}_{positional}_{device}",
         (ReferenceAndFast,),
         dict(
             MODEL_CLASS=model_class,
             POSITIONAL=positional,
+            DEVICE=device,
             OPTIONS=options,
             # compiled: fp32 only, no autocast (each a graph more: CI compiles cold)
             **(dict(CASTS=(torch.float32,), AUTOCAST=False) if compiled else {}),
+            # the kernels named: no fp64, which they refuse (test_fast has that error)
+            **(KERNEL_CASTS if options.get("rotary") == "triton" else {}),
         ),
     )
 
@@ -512,22 +526,52 @@ MACHINES = {
     "rotary_qk compiled": machine("transformer", "rotary_qk"),
     "rnn": machine("rnn"),
     "lstm": machine("lstm"),
+    # the Triton kernels' eager path (their autograd Functions, the packed
+    # gradient, the in-place rotation of no-grad calls) as CUDA runs it
+    # uncompiled: here under the interpreter (tests/conftest.py), on CUDA below
+    "rotary_qk triton": machine("transformer", "rotary_qk", compile="never", rotary="triton"),
+    "rotary triton": machine("transformer", "rotary", compile="never", rotary="triton"),
 }
+NEEDS_TRITON = {"rotary_qk triton", "rotary triton"}
+
+# On CUDA, uncompiled: the Triton rotary kernels and their autograd Functions,
+# SDPA's CUDA kernels and cuDNN's recurrences among the same operations,
+# with no compile to pay in a GPU session's minutes. Train-mode calls with
+# dropout are not compared there (dropout_draws_differ).
+CUDA_MACHINES = {
+    name: machine(m.MODEL_CLASS, m.POSITIONAL, device="cuda", compile="never")
+    for name, m in MACHINES.items()
+    if name not in NEEDS_TRITON
+    and (m.OPTIONS.get("compile") == "never" or m.MODEL_CLASS != "transformer")
+}
+
+
+# not shrunk: a replay builds two models, and shrinking one failure took a
+# minute per machine; a failure prints its steps (20 at most) as drawn
+SETTINGS = settings(stateful_step_count=20, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 # (the machine replaces forwards on modules that nnsight has wrapped, on purpose)
 @pytest.mark.filterwarnings("ignore:.*was replaced after nnsight wrapped:UserWarning")
-@pytest.mark.parametrize("name", MACHINES)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.triton] if n in NEEDS_TRITON else []) for n in MACHINES],
+)
 def test_user_operations_in_any_order_keep_fast_equal_to_reference(name, monkeypatch):
     # the RNN/LSTM's row-sparse output layer and the transformers' fused ReLU
     # MLP, below the sizes they pay from (tests/conftest.py lifts the others)
     monkeypatch.setattr(output_layer_eager, "MIN_PRODUCTS", 0)
     monkeypatch.setattr(mlp_eager, "MIN_FUSED_HIDDEN", 0)
-    # not shrunk: a replay builds two models, and shrinking one failure took
-    # a minute per machine; a failure prints its steps (20 at most) as drawn
-    run_state_machine_as_test(
-        MACHINES[name],
-        settings=settings(
-            stateful_step_count=20, phases=[Phase.explicit, Phase.reuse, Phase.generate]
-        ),
-    )
+    chosen = SETTINGS
+    if name in NEEDS_TRITON:
+        # the interpreter runs each kernel program in Python: a quarter of
+        # the examples (in CI's profile 2, ~30 s for both machines)
+        chosen = settings(SETTINGS, max_examples=max(2, SETTINGS.max_examples // 4))
+    run_state_machine_as_test(MACHINES[name], settings=chosen)
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore:.*was replaced after nnsight wrapped:UserWarning")
+@pytest.mark.parametrize("name", CUDA_MACHINES)
+def test_user_operations_in_any_order_keep_fast_equal_to_reference_on_cuda(name):
+    run_state_machine_as_test(CUDA_MACHINES[name], settings=SETTINGS)
