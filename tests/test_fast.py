@@ -495,7 +495,8 @@ def test_auto_picks_kernels_only_for_the_dtypes_they_take():
     # the traced path asks per tensor: rotary_qk's q is autocast's dtype there
     assert backends.resolve_rotary("auto", cuda, torch.float64) == "torch"
     assert backends.resolve_rotary("auto", cuda, torch.bfloat16) == "triton"
-    assert backends.resolve_rotary("triton", cuda, torch.float64) == "triton"  # a choice: kept
+    with pytest.raises(TypeError, match="rotary='triton'"):  # a choice: kept, so refused here
+        backends.resolve_rotary("triton", cuda, torch.float64)
 
 
 @pytest.mark.parametrize("positional", POSITIONAL_TYPES)

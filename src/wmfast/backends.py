@@ -175,9 +175,9 @@ def _check_kernel_dtype(option: str, dtype: torch.dtype) -> None:
     if dtype not in KERNEL_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
         raise TypeError(
-            f"{option}='triton' runs wmfast's Triton kernels, which take {names}; this model's "
-            f"weights are {str(dtype).removeprefix('torch.')}: use {option}='auto' (which takes "
-            f"the PyTorch math for them) or {option}='torch'"
+            f"{option}='triton' runs wmfast's Triton kernels, which take {names}; this model "
+            f"computes in {str(dtype).removeprefix('torch.')}: use {option}='auto' (which takes "
+            f"the PyTorch math for it) or {option}='torch'"
         )
 
 
