@@ -172,12 +172,17 @@ class ReferenceAndFast(RuleBasedStateMachine):
     def dropout_draws_differ(self, grad: bool) -> bool:
         """Whether a call draws other dropout masks on the fast model (its
         compiled no-grad forward in train mode: README, Dropout; the CPU
-        training call draws the reference's; on CUDA not judged at all) or
-        on the fp64 judge of bf16."""
+        training call draws the reference's; the named norm kernels and all
+        of CUDA are not judged) or on the fp64 judge of bf16."""
         return (
             self.dropout > 0
             and self.reference.training
-            and (not grad or self.dtype in LOW_PRECISION or self.DEVICE != "cpu")
+            and (
+                not grad
+                or self.dtype in LOW_PRECISION
+                or self.DEVICE != "cpu"
+                or self.OPTIONS.get("norm") == "triton"  # (its kernels draw their own masks)
+            )
         )
 
     @invariant()
@@ -510,7 +515,7 @@ def machine(
             # compiled: fp32 only, no autocast (each a graph more: CI compiles cold)
             **(dict(CASTS=(torch.float32,), AUTOCAST=False) if compiled else {}),
             # the kernels named: no fp64, which they refuse (test_fast has that error)
-            **(KERNEL_CASTS if options.get("rotary") == "triton" else {}),
+            **(KERNEL_CASTS if "triton" in (options.get("rotary"), options.get("norm")) else {}),
         ),
     )
 
@@ -531,18 +536,22 @@ MACHINES = {
     # uncompiled: here under the interpreter (tests/conftest.py), on CUDA below
     "rotary_qk triton": machine("transformer", "rotary_qk", compile="never", rotary="triton"),
     "rotary triton": machine("transformer", "rotary", compile="never", rotary="triton"),
+    # the dropout + add + LayerNorm kernels (at d_mlp 0 both of a layer's in one)
+    "standard norm triton": machine("transformer", "standard", compile="never", norm="triton"),
 }
-NEEDS_TRITON = {"rotary_qk triton", "rotary triton"}
+NEEDS_TRITON = {"rotary_qk triton", "rotary triton", "standard norm triton"}
+# (the norm kernels' backward loops at run time: conftest.py's triton_loops)
+NEEDS_TRITON_LOOPS = {"standard norm triton"}
 
 # On CUDA, uncompiled: the Triton rotary kernels and their autograd Functions,
 # SDPA's CUDA kernels and cuDNN's recurrences among the same operations,
 # with no compile to pay in a GPU session's minutes. Train-mode calls with
 # dropout are not compared there (dropout_draws_differ).
+# (rotary="auto" takes the kernels on CUDA: the rotary machines need no twin)
 CUDA_MACHINES = {
-    name: machine(m.MODEL_CLASS, m.POSITIONAL, device="cuda", compile="never")
+    name: machine(m.MODEL_CLASS, m.POSITIONAL, device="cuda", **{**m.OPTIONS, "compile": "never"})
     for name, m in MACHINES.items()
-    if name not in NEEDS_TRITON
-    and (m.OPTIONS.get("compile") == "never" or m.MODEL_CLASS != "transformer")
+    if name not in ("rotary_qk compiled", "rotary_qk triton", "rotary triton")
 }
 
 
@@ -551,11 +560,16 @@ CUDA_MACHINES = {
 SETTINGS = settings(stateful_step_count=20, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
+def marks_of(name: str) -> list:
+    marks = [pytest.mark.triton] if name in NEEDS_TRITON else []
+    return marks + ([pytest.mark.triton_loops] if name in NEEDS_TRITON_LOOPS else [])
+
+
 # (the machine replaces forwards on modules that nnsight has wrapped, on purpose)
 @pytest.mark.filterwarnings("ignore:.*was replaced after nnsight wrapped:UserWarning")
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=[pytest.mark.triton] if n in NEEDS_TRITON else []) for n in MACHINES],
+    [pytest.param(name, marks=marks_of(name)) for name in MACHINES],
 )
 def test_user_operations_in_any_order_keep_fast_equal_to_reference(name, monkeypatch):
     # the RNN/LSTM's row-sparse output layer and the transformers' fused ReLU
