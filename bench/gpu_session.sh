@@ -53,7 +53,10 @@
 # a fresh machine's start counts): two calls, the correctness one first.
 #   A. cudatests "rotary:fwdbwd and sir"   (WMFAST_CALL_LIMIT=420: the CUDA
 #      and Triton tests, then the SIR rotary fwd+bwd rows with
-#      wmfast_launchers and liger_autograd, as in 3. below)
+#      wmfast_launchers and liger_autograd, as in 3. below; new since
+#      "h100-3" among the CUDA tests: the state machines of
+#      test_fast_user_sequences.py uncompiled on CUDA, and the wrappers'
+#      training loop under CUDA graphs, test_training.py)
 #   B. "models:sir and bf16 and train_step and rotary_qk and (torch_compile
 #      or fast) and not torch_norm and not cudagraphs and not cpp"
 #      (WMFAST_CALL_LIMIT = what is left minus ~60 s: does rotary_qk reach
