@@ -1,7 +1,9 @@
 """nnsight on fast models: every module path the reference reaches is reachable
 on the fast model, saves the same activation, takes the same ablation to the
 same logits, and gives the same gradients; traces compile nothing and the
-compiled path is still used after them; the guide's examples run.
+compiled path is still used after them; the guide's examples and the nnsight
+tutorial's operations run. Tests of one invoke per trace run with plain
+``nnsight.NNsight`` too (``any_NNsight``).
 
 nnsight reads the body of each ``with model.trace()`` block from its source
 file, so the traces are written out here, not built dynamically.
