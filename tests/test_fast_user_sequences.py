@@ -81,6 +81,8 @@ class ReferenceAndFast(RuleBasedStateMachine):
     CASTS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     AUTOCAST = True
     DEVICE = "cpu"
+    COMPILED = False  # a transformer whose fast model compiles (machine())
+    NAMED_KERNELS: tuple[str, ...] = ()  # the options set to "triton" (machine())
 
     @initialize(
         seed=st.integers(0, 1000),
@@ -181,7 +183,7 @@ class ReferenceAndFast(RuleBasedStateMachine):
                 not grad
                 or self.dtype in LOW_PRECISION
                 or self.DEVICE != "cpu"
-                or self.OPTIONS.get("norm") == "triton"  # (its kernels draw their own masks)
+                or "norm" in self.NAMED_KERNELS  # (its kernels draw their own masks)
             )
         )
 
@@ -504,6 +506,7 @@ def machine(
 ) -> type:
     """A ReferenceAndFast for one model on ``device`` (and FastOptions)."""
     compiled = options.get("compile") != "never" and model_class == "transformer"
+    named_kernels = tuple(k for k in ("rotary", "norm") if options.get(k) == "triton")
     return type(
         f"ReferenceAndFast_{model_class}_{positional}_{device}",
         (ReferenceAndFast,),
@@ -512,10 +515,12 @@ def machine(
             POSITIONAL=positional,
             DEVICE=device,
             OPTIONS=options,
+            COMPILED=compiled,
+            NAMED_KERNELS=named_kernels,
             # compiled: fp32 only, no autocast (each a graph more: CI compiles cold)
             **(dict(CASTS=(torch.float32,), AUTOCAST=False) if compiled else {}),
             # the kernels named: no fp64, which they refuse (test_fast has that error)
-            **(KERNEL_CASTS if "triton" in (options.get("rotary"), options.get("norm")) else {}),
+            **(KERNEL_CASTS if named_kernels else {}),
         ),
     )
 
@@ -539,9 +544,6 @@ MACHINES = {
     # the dropout + add + LayerNorm kernels (at d_mlp 0 both of a layer's in one)
     "standard norm triton": machine("transformer", "standard", compile="never", norm="triton"),
 }
-NEEDS_TRITON = {"rotary_qk triton", "rotary triton", "standard norm triton"}
-# (the norm kernels' backward loops at run time: conftest.py's triton_loops)
-NEEDS_TRITON_LOOPS = {"standard norm triton"}
 
 # On CUDA, uncompiled: the Triton rotary kernels and their autograd Functions,
 # SDPA's CUDA kernels and cuDNN's recurrences among the same operations,
@@ -551,7 +553,7 @@ NEEDS_TRITON_LOOPS = {"standard norm triton"}
 CUDA_MACHINES = {
     name: machine(m.MODEL_CLASS, m.POSITIONAL, device="cuda", **{**m.OPTIONS, "compile": "never"})
     for name, m in MACHINES.items()
-    if name not in ("rotary_qk compiled", "rotary_qk triton", "rotary triton")
+    if not m.COMPILED and "rotary" not in m.NAMED_KERNELS
 }
 
 
@@ -561,8 +563,10 @@ SETTINGS = settings(stateful_step_count=20, phases=[Phase.explicit, Phase.reuse,
 
 
 def marks_of(name: str) -> list:
-    marks = [pytest.mark.triton] if name in NEEDS_TRITON else []
-    return marks + ([pytest.mark.triton_loops] if name in NEEDS_TRITON_LOOPS else [])
+    named = MACHINES[name].NAMED_KERNELS
+    marks = [pytest.mark.triton] if named else []
+    # (the norm kernels' backward loops at run time: conftest.py's triton_loops)
+    return marks + ([pytest.mark.triton_loops] if "norm" in named else [])
 
 
 # (the machine replaces forwards on modules that nnsight has wrapped, on purpose)
@@ -577,9 +581,9 @@ def test_user_operations_in_any_order_keep_fast_equal_to_reference(name, monkeyp
     monkeypatch.setattr(output_layer_eager, "MIN_PRODUCTS", 0)
     monkeypatch.setattr(mlp_eager, "MIN_FUSED_HIDDEN", 0)
     chosen = SETTINGS
-    if name in NEEDS_TRITON:
+    if MACHINES[name].NAMED_KERNELS:
         # the interpreter runs each kernel program in Python: a quarter of
-        # the examples (in CI's profile 2, ~30 s for both machines)
+        # the examples (in CI's profile 2, ~30 s for the three machines)
         chosen = settings(SETTINGS, max_examples=max(2, SETTINGS.max_examples // 4))
     run_state_machine_as_test(MACHINES[name], settings=chosen)
 
