@@ -110,8 +110,8 @@ def _on_cpu(wrapper):
     return wrapper
 
 
-def _losses(tmp_path, variant, **training):
-    wrapper = _on_cpu(TransformerModelWrapper(_config(), variant=variant))
+def _losses(tmp_path, variant, config=None, **training):
+    wrapper = _on_cpu(ModelWrapper(config or _config(), variant=variant))
     losses = []
     wrapper.train(
         TRAIN, _training(tmp_path, **training), eval_dataset=VAL, progress=False,
@@ -173,13 +173,7 @@ def test_every_model_and_training_option_gives_the_same_run_on_both_variants(
     )
     runs = []
     for variant in ("reference", "fast"):
-        wrapper = _on_cpu(ModelWrapper(config, variant=variant))
-        losses = []
-        directory = tmp_path_factory.mktemp(variant)
-        wrapper.train(
-            TRAIN, _training(directory, **training), progress=False,
-            on_step=lambda step, loss, losses=losses: losses.append(loss),
-        )  # fmt: skip
+        wrapper, losses = _losses(tmp_path_factory.mktemp(variant), variant, config, **training)
         metrics = wrapper.evaluate(VAL, mask_answer_tokens=mask_answer_tokens, skip_warmup=False)
         runs.append((losses, metrics))
     (ref_losses, ref_eval), (fast_losses, fast_eval) = runs
