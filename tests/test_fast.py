@@ -523,6 +523,43 @@ def test_uncompiled_fast_in_fp64_equals_the_fp64_reference_to_rounding(
         _assert_fp64_grads_close(reference, fast, want, got)
 
 
+@pytest.mark.parametrize("positional", ["rotary", "rotary_qk"])
+def test_compiled_fast_in_fp64_equals_the_fp64_reference_to_rounding(positional):
+    # A compiled call takes the rotary (cos, sin) tables from
+    # FastRunner._rope_tables, computed uncompiled as the reference computes
+    # them. With Inductor's own vectorised cos and sin (an fp32 ulp from
+    # ATen's at some angles) this forward was 5e-8 to 1.2e-7 from the fp64
+    # reference; "standard" and None never compute a table.
+    config = small_config(positional_embedding_type=positional, n_ctx=512)
+    reference, fast = reference_and_fast(config)  # no grad: compiled by the CPU rule too
+    reference.double().eval()
+    fast.eval()
+    ids = random_ids(7, config.d_vocab, 2, 40)
+    with torch.no_grad():
+        want, got = reference(ids), fast(ids)
+    assert fast._fast.last_plan.compiled
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_calls_take_the_rotary_tables_of_the_buffer_as_it_is_now():
+    # _rope_tables keeps the latest compiled call's tables for the next one.
+    # They must follow the inv_freq buffer (load_state_dict writes it in
+    # place), and tables made under inference_mode (inference tensors, which
+    # autograd cannot save for a backward) must not serve a training call.
+    config = small_config(positional_embedding_type="rotary_qk", dropout=0.0)
+    reference, fast = reference_and_fast(config, compile="always")
+    ids = random_ids(5, 50, 2, 9)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids), reference(ids), **FP32_LOGITS)
+    assert_same_function(reference, fast, ids, train=True)
+    state = reference.state_dict()
+    state["pos_encoder.inv_freq"] = state["pos_encoder.inv_freq"] * 1.5
+    reference.load_state_dict(state)
+    assert fast.pos_encoder.inv_freq is reference.pos_encoder.inv_freq  # shared, as parameters
+    assert_same_function(reference, fast, ids, train=True)
+    assert fast._fast.last_plan.compiled
+
+
 @pytest.mark.parametrize(
     "model_class, act_fn", [("rnn", "relu"), ("rnn", "tanh"), ("lstm", "relu")]
 )

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from wmfast import backends
+from wmfast import functional as WF
 from wmfast.attention_backends import CAUSAL_ATTENTION
 from wmfast.interp import HOOKS, why_submodules_must_run
 from wmfast.models.base import WorkingMemoryModel
@@ -151,7 +152,7 @@ def _compiled_forward(mode: str | None, dynamic: bool | None, graph_key: tuple) 
     weight dimension to the sequence length whenever the two happen to be
     equal (inv_freq's d/2 entries and T = d/2), and the next length
     recompiles. FastRunner marks the token ids' batch and length dimensions
-    dynamic instead (``_dynamic_ids``).
+    dynamic instead (``_dynamic_dims``).
     """
     key = (mode, dynamic, graph_key)
     compiled = _COMPILED.get(key)  # one hash of the key per call
@@ -193,15 +194,16 @@ def _graph_key(weights: TransformerWeights, statics: Statics, plan: Plan) -> tup
     return statics, sizes, device, plan, torch.is_grad_enabled(), autocast
 
 
-def _dynamic_ids(input_ids: torch.Tensor) -> torch.Tensor:
-    """An alias of input_ids whose batch and length dimensions compile as dynamic
-    (an alias, so the mark does not follow the caller's tensor elsewhere)."""
+def _dynamic_dims(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
+    """An alias of ``tensor`` whose ``dims`` compile as dynamic: the token ids'
+    batch and length, the rotary tables' length (an alias, so the mark does
+    not follow the caller's tensor elsewhere)."""
     import torch._dynamo  # loaded by torch.compile already; named here for readers
 
-    ids = input_ids.view(input_ids.shape)
-    torch._dynamo.maybe_mark_dynamic(ids, 0)  # "maybe": sizes 0 and 1 still specialize
-    torch._dynamo.maybe_mark_dynamic(ids, 1)
-    return ids
+    alias = tensor.view(tensor.shape)
+    for dim in dims:
+        torch._dynamo.maybe_mark_dynamic(alias, dim)  # "maybe": sizes 0 and 1 still specialize
+    return alias
 
 
 def _rotary_functions(impl: str) -> dict[str, Callable]:
@@ -263,6 +265,9 @@ class FastRunner:
         # the transformers' plan and transformer_forward's function arguments
         # per call context (_setup); options are fixed for a runner's life
         self._setups: dict[tuple, tuple[Plan, dict]] = {}
+        # the latest compiled call's rotary tables and what they were computed
+        # from (_rope_tables)
+        self._rope_cache: tuple | None = None
 
     # a copy says again why it runs its module path: it is another model
     def __getstate__(self) -> dict:
@@ -358,8 +363,14 @@ class FastRunner:
             return transformer_forward(*args, **kwargs, record=record)
         key = (self.options.mode, self.options.dynamic, _graph_key(args[0], args[2], plan))
         forward = _compiled_forward(*key)
+        tables = None
+        if model.positional_embedding_type in ("rotary", "rotary_qk"):
+            tables = self._rope_tables(args[0].positional, input_ids.shape[1])
         if self.options.dynamic:
-            args = (args[0], _dynamic_ids(input_ids), args[2])
+            args = (args[0], _dynamic_dims(input_ids, 0, 1), args[2])
+            if tables is not None:
+                tables = tuple(_dynamic_dims(table, 0) for table in tables)
+        kwargs = dict(kwargs, rope_tables=tables)
         if key in _ANNOUNCED_COMPILES:
             return forward(*args, **kwargs)
         _ANNOUNCED_COMPILES.add(key)
@@ -374,6 +385,28 @@ class FastRunner:
         out = forward(*args, **kwargs)
         logger.info("wmfast: first fast call took %.1f s", time.perf_counter() - start)
         return out
+
+    def _rope_tables(self, inv_freq: torch.Tensor, seq_len: int) -> tuple:
+        """The rotary types' (cos, sin) tables for a compiled call, computed
+        here, uncompiled, as the reference's pos_encoder computes them.
+        Inductor's vectorised cos and sin differ from ATen's by up to an fp32
+        ulp: lost in fp32's other rounding, but an fp64 model's compiled
+        forward was ~3e-8 from the fp64 reference with them, against ~1e-15
+        with these. Kept for the next call while the length and the buffer
+        are the same (a device move or a load_state_dict gives new values; an
+        inference-mode tensor cannot be saved for a later backward)."""
+        inference = torch.is_inference_mode_enabled()
+        cached = self._rope_cache
+        if (
+            cached is not None
+            and cached[0] is inv_freq
+            and cached[1] == (inv_freq._version, seq_len, inference)
+        ):
+            return cached[2]
+        tables = WF.rotary_tables(seq_len, inv_freq)
+        if not inv_freq.requires_grad:  # (tables with a graph serve one backward)
+            self._rope_cache = (inv_freq, (inv_freq._version, seq_len, inference), tables)
+        return tables
 
     def _setup(
         self, model: nn.Module, input_ids: torch.Tensor, memo: bool = True

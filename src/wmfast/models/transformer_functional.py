@@ -332,6 +332,7 @@ def transformer_forward(
     add_norm: AddNorm = torch_add_norm,
     add_norms_around_bias: AddNormsAroundBias | None = None,
     rotate_packed_qkv: RotatePackedQKV | None = None,
+    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """logits (B, T, d_vocab) for input_ids (B, T); see TransformerModel.forward.
 
@@ -368,6 +369,9 @@ def transformer_forward(
     norm2_weight, norm2_bias, eps, p, training, low_dtype)``, if given, computes
     both add & norms of a layer at d_mlp 0 at once, around the bias-only
     feed-forward block (wmfast.ops.bias_ffn_norms); not with ``record``.
+    ``rope_tables``, if given, are the rotary types' (cos, sin) tables for
+    positions 0..T-1 (``WF.rotary_tables``), computed by the caller outside a
+    compiled call; see FastRunner._rope_tables.
     """
     from wmfast.attention_backends import sdpa_causal
 
@@ -383,12 +387,13 @@ def transformer_forward(
     if statics.positional == "standard":
         x = emb * scale + weights.positional[:seq_len]  # rows 0..T-1, broadcast over B
     elif statics.positional == "rotary":
-        cos, sin = WF.rotary_tables(seq_len, weights.positional)  # (T, d/2)
+        cos, sin = rope_tables or WF.rotary_tables(seq_len, weights.positional)  # (T, d/2)
         x = embed_rotary(emb, cos, sin, scale)
     else:
         x = emb * scale
         if statics.positional == "rotary_qk":
-            rope = WF.rotary_tables(seq_len, weights.positional)  # (T, head_dim/2) each
+            # (T, head_dim/2) each
+            rope = rope_tables or WF.rotary_tables(seq_len, weights.positional)
 
     act = F.relu if statics.act_fn == "relu" else F.gelu
     p, train = statics.dropout, statics.training
