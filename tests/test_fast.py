@@ -26,6 +26,7 @@ from torch._dynamo.utils import counters
 
 from wmfast import backends, build_model
 from wmfast import fast as wf
+from wmfast import functional as WF
 from wmfast.check import answer_rows, cudnn_off_for_eval_rnn_backward
 from wmfast.fast import FastOptions, describe, make_fast, make_reference
 from wmfast.models.transformer_functional import fast_path_mismatch
@@ -558,6 +559,23 @@ def test_compiled_calls_take_the_rotary_tables_of_the_buffer_as_it_is_now():
     assert fast.pos_encoder.inv_freq is reference.pos_encoder.inv_freq  # shared, as parameters
     assert_same_function(reference, fast, ids, train=True)
     assert fast._fast.last_plan.compiled
+
+
+def test_the_runner_keeps_rotary_tables_per_length_up_to_a_bound():
+    runner = wf.FastRunner()
+    inv_freq = WF.rotary_inv_freq(8)
+    first = runner._rope_tables(inv_freq, 5)
+    assert runner._rope_tables(inv_freq, 7) is not first
+    assert runner._rope_tables(inv_freq, 5) is first  # kept while another length ran
+    for seq_len in range(10, 10 + wf.ROPE_TABLES_KEPT - 1):
+        runner._rope_tables(inv_freq, seq_len)
+    assert len(runner._rope_cache) == wf.ROPE_TABLES_KEPT
+    assert runner._rope_tables(inv_freq, 5) is not first  # the oldest length went first
+    with torch.no_grad():
+        inv_freq.mul_(2)  # new values in the same tensor
+    kept, fresh = runner._rope_tables(inv_freq, 5), WF.rotary_tables(5, inv_freq)
+    for got, want in zip(kept, fresh, strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,9 @@ _RECURRENT_MODULES = Plan(
     output_layer="module",
 )
 
+# how many sequence lengths' rotary tables a runner keeps (FastRunner._rope_tables)
+ROPE_TABLES_KEPT = 8
+
 _COMPILED: dict[tuple, Callable] = {}
 # the _COMPILED keys whose first call was announced in this process: another
 # model of the same configuration (a seed sweep, a copy) reuses their graphs,
@@ -265,9 +268,9 @@ class FastRunner:
         # the transformers' plan and transformer_forward's function arguments
         # per call context (_setup); options are fixed for a runner's life
         self._setups: dict[tuple, tuple[Plan, dict]] = {}
-        # the latest compiled call's rotary tables and what they were computed
-        # from (_rope_tables)
-        self._rope_cache: tuple | None = None
+        # compiled calls' rotary tables per length, with the buffer they were
+        # computed from and its version (_rope_tables)
+        self._rope_cache: dict[tuple, tuple] = {}
 
     # a copy says again why it runs its module path: it is another model
     def __getstate__(self) -> dict:
@@ -391,21 +394,22 @@ class FastRunner:
         here, uncompiled, as the reference's pos_encoder computes them.
         Inductor's vectorised cos and sin differ from ATen's by up to an fp32
         ulp: lost in fp32's other rounding, but an fp64 model's compiled
-        forward was ~3e-8 from the fp64 reference with them, against ~1e-15
-        with these. Kept for the next call while the length and the buffer
-        are the same (a device move or a load_state_dict gives new values; an
-        inference-mode tensor cannot be saved for a later backward)."""
-        inference = torch.is_inference_mode_enabled()
-        cached = self._rope_cache
-        if (
-            cached is not None
-            and cached[0] is inv_freq
-            and cached[1] == (inv_freq._version, seq_len, inference)
-        ):
-            return cached[2]
+        forward was 5e-8 to 1.2e-7 from the fp64 reference with them, against
+        ~2e-15 with these.
+
+        Kept per length (training and evaluation may alternate two) while the
+        buffer is the same tensor with the same values (a device move gives a
+        new one, load_state_dict writes new values in place); per inference
+        mode too, as autograd cannot save an inference tensor for a backward."""
+        key = (seq_len, torch.is_inference_mode_enabled())
+        kept = self._rope_cache.get(key)
+        if kept is not None and kept[0] is inv_freq and kept[1] == inv_freq._version:
+            return kept[2]
         tables = WF.rotary_tables(seq_len, inv_freq)
         if not inv_freq.requires_grad:  # (tables with a graph serve one backward)
-            self._rope_cache = (inv_freq, (inv_freq._version, seq_len, inference), tables)
+            if len(self._rope_cache) >= ROPE_TABLES_KEPT:
+                del self._rope_cache[next(iter(self._rope_cache))]  # the oldest
+            self._rope_cache[key] = (inv_freq, inv_freq._version, tables)
         return tables
 
     def _setup(
