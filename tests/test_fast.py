@@ -543,8 +543,8 @@ def test_compiled_fast_in_fp64_equals_the_fp64_reference_to_rounding(positional)
 
 
 def test_compiled_calls_take_the_rotary_tables_of_the_buffer_as_it_is_now():
-    # _rope_tables keeps the latest compiled call's tables for the next one.
-    # They must follow the inv_freq buffer (load_state_dict writes it in
+    # _rope_tables keeps compiled calls' tables per length for the next
+    # calls. They must follow the inv_freq buffer (load_state_dict writes it in
     # place), and tables made under inference_mode (inference tensors, which
     # autograd cannot save for a backward) must not serve a training call.
     config = small_config(positional_embedding_type="rotary_qk", dropout=0.0)
