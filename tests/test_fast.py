@@ -525,21 +525,25 @@ def test_uncompiled_fast_in_fp64_equals_the_fp64_reference_to_rounding(
 
 
 @pytest.mark.parametrize("positional", ["rotary", "rotary_qk"])
-def test_compiled_fast_in_fp64_equals_the_fp64_reference_to_rounding(positional):
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "train"])
+def test_compiled_fast_in_fp64_equals_the_fp64_reference_to_rounding(positional, grad):
     # A compiled call takes the rotary (cos, sin) tables from
     # FastRunner._rope_tables, computed uncompiled as the reference computes
     # them. With Inductor's own vectorised cos and sin (an fp32 ulp from
     # ATen's at some angles) this forward was 5e-8 to 1.2e-7 from the fp64
-    # reference; "standard" and None never compute a table.
-    config = small_config(positional_embedding_type=positional, n_ctx=512)
-    reference, fast = reference_and_fast(config)  # no grad: compiled by the CPU rule too
-    reference.double().eval()
-    fast.eval()
+    # reference; "standard" and None never compute a table. The training
+    # call compiles as CUDA's rule compiles it ("always"; the CPU's does not).
+    config = small_config(positional_embedding_type=positional, n_ctx=512, dropout=0.0)
+    reference, fast = reference_and_fast(config, compile="always" if grad else "auto")
+    reference.double().train(grad)
+    fast.train(grad)
     ids = random_ids(7, config.d_vocab, 2, 40)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         want, got = reference(ids), fast(ids)
     assert fast._fast.last_plan.compiled
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if grad:
+        _assert_fp64_grads_close(reference, fast, want, got)
 
 
 def test_compiled_calls_take_the_rotary_tables_of_the_buffer_as_it_is_now():
