@@ -367,7 +367,7 @@ class FastRunner:
         key = (self.options.mode, self.options.dynamic, _graph_key(args[0], args[2], plan))
         forward = _compiled_forward(*key)
         tables = None
-        if model.positional_embedding_type in ("rotary", "rotary_qk"):
+        if plan.rotary != "none":  # (the plan's rotary is "none" but for the rotary types)
             tables = self._rope_tables(args[0].positional, input_ids.shape[1])
         if self.options.dynamic:
             args = (args[0], _dynamic_dims(input_ids, 0, 1), args[2])
